@@ -1,0 +1,154 @@
+"""The node's local store: preprocessed image arrays plus a JSON manifest.
+
+Layout::
+
+    STORE/manifest.json        what is in the store (series, geometry, labels), no PHI
+    STORE/arrays/<key>.npy     float16 (slices, phases, H, W), intensities scaled so that the
+                               image's 1st..99th percentiles map to 0..1, at ``spacing_mm``
+
+Arrays are written with ``allow_pickle=False`` and read the same way; the manifest is rewritten
+atomically after each series, so an interrupted writer loses at most the series in flight.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared_model.augment import resize_to
+from shared_model.files import atomic_write, atomic_write_text
+
+STORE_FORMAT = "fedcmr-store"
+STORE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def normalise_intensity(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Map an image's ``low``..``high`` percentiles to 0..1, the store's intensity scale."""
+    lo, hi = np.percentile(image, [low, high])
+    return ((image - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    # Through a handle: np.save would append ".npy" to a temporary file name.
+    # allow_pickle=False: arrays only; never change this (a store must not run code on load).
+    with open(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, of another format, or inconsistent; the message says which."""
+
+
+@dataclass
+class SeriesRecord:
+    """One acquisition in the store. ``sequence``/``view`` are normalised labels, not headers."""
+
+    key: str
+    array: str  # path relative to the store root
+    shape: list[int]  # slices, phases, H, W
+    sequence: str = "unknown"
+    view: str = "unknown"
+    subject: str = ""  # a store-local pseudonym, never a header value
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    spacing_mm: float
+    crop_px: int
+    series: dict[str, SeriesRecord] = field(default_factory=dict)
+    format: str = STORE_FORMAT
+    version: int = STORE_VERSION
+
+
+class LocalStore:
+    """Read and append to a store folder."""
+
+    def __init__(self, root: str | Path, manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @classmethod
+    def create(cls, root: str | Path, spacing_mm: float, crop_px: int) -> LocalStore:
+        """Open the store at ``root``, creating it if it does not exist yet."""
+        root = Path(root)
+        if (root / MANIFEST_NAME).exists():
+            store = cls.open(root)
+            if (store.manifest.spacing_mm, store.manifest.crop_px) != (spacing_mm, crop_px):
+                raise StoreError(
+                    f"{root}: store was built at {store.manifest.spacing_mm} mm / "
+                    f"{store.manifest.crop_px} px, not {spacing_mm} mm / {crop_px} px; "
+                    "use a new store folder or the same data settings")
+            return store
+        (root / "arrays").mkdir(parents=True, exist_ok=True)
+        store = cls(root, Manifest(spacing_mm=spacing_mm, crop_px=crop_px))
+        store.save_manifest()
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path) -> LocalStore:
+        root = Path(root)
+        path = root / MANIFEST_NAME
+        if not path.is_file():
+            raise StoreError(f"{root}: no {MANIFEST_NAME}; build the store with "
+                             "`fedcmr-client ingest` first")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{path}: unreadable manifest ({exc})") from exc
+        if raw.get("format") != STORE_FORMAT:
+            raise StoreError(f"{path}: not a FedCMR store manifest")
+        if raw.get("version") != STORE_VERSION:
+            raise StoreError(f"{path}: store version {raw.get('version')} is not supported "
+                             f"(expected {STORE_VERSION}); re-ingest into a new folder")
+        series = {k: SeriesRecord(**v) for k, v in raw.get("series", {}).items()}
+        manifest = Manifest(spacing_mm=raw["spacing_mm"], crop_px=raw["crop_px"], series=series)
+        return cls(root, manifest)
+
+    def save_manifest(self) -> None:
+        data = asdict(self.manifest)
+        atomic_write_text(self.root / MANIFEST_NAME, json.dumps(data, indent=1, sort_keys=True))
+
+    def has(self, key: str) -> bool:
+        return key in self.manifest.series
+
+    def add_series(self, record: SeriesRecord, array: np.ndarray) -> SeriesRecord:
+        """Write one series' array (slices, phases, H, W) and record it in the manifest."""
+        if array.ndim != 4:
+            raise StoreError(f"series {record.key}: expected a 4-D array, got {array.shape}")
+        record.array = f"arrays/{record.key}.npy"
+        record.shape = [int(n) for n in array.shape]
+        data = np.ascontiguousarray(array, dtype=np.float16)
+        atomic_write(self.root / record.array, lambda tmp: _save_npy(tmp, data))
+        self.manifest.series[record.key] = record
+        self.save_manifest()
+        return record
+
+    def load(self, key: str) -> np.ndarray:
+        record = self.manifest.series[key]
+        path = self.root / record.array
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise StoreError(f"{path}: unreadable array ({exc}); re-ingest series {key}") from exc
+        if list(array.shape) != record.shape:
+            raise StoreError(f"{path}: shape {array.shape} differs from the manifest's "
+                             f"{record.shape}; re-ingest series {key}")
+        return array
+
+    def unlabeled_frames(self, size: int) -> torch.Tensor:
+        """Every frame of every series as (N, 1, size, size) float32 for self-supervision."""
+        frames = []
+        for key in sorted(self.manifest.series):
+            array = self.load(key)
+            frames.append(torch.from_numpy(array.reshape(-1, *array.shape[-2:]).astype(np.float32)))
+        if not frames:
+            raise StoreError(f"{self.root}: the store holds no series")
+        stacked = torch.cat(frames)[:, None]
+        return resize_to(stacked, size)

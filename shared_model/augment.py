@@ -1,0 +1,93 @@
+"""Batch augmentations that suit cardiac MR, each drawing from an explicit torch.Generator.
+
+Images are (B, 1, H, W) float tensors scaled so that the 1st..99th intensity percentiles map to
+0..1 (the store's normalisation). Random parameters are drawn on the CPU from the generator and
+moved to the images' device, so a seed gives the same views on any device.
+
+Left-right flips are not used: they turn a heart's left-sided anatomy into a mirror image no
+scanner produces, which would teach the encoder an invariance the clinic never needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One kind of view: output size (px), crop scale range (area fraction), rotation (deg)."""
+
+    size: int
+    scale: tuple[float, float] = (0.5, 1.0)
+    max_rotation_deg: float = 15.0
+    gamma: tuple[float, float] = (0.7, 1.4)
+    contrast: tuple[float, float] = (0.75, 1.25)
+    brightness: float = 0.1
+    noise_std: float = 0.03
+    blur_prob: float = 0.0
+
+
+def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=gen)
+
+
+def random_resized_crop(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
+    """Crop a random square covering ``spec.scale`` of the area, rotate, resample to size."""
+    b = images.shape[0]
+    side = _uniform(gen, b, *spec.scale).sqrt()  # crop side as a fraction of the image side
+    angle = _uniform(gen, b, -spec.max_rotation_deg, spec.max_rotation_deg) * math.pi / 180
+    max_shift = (1 - side).clamp(min=0)
+    tx = _uniform(gen, b, -1, 1) * max_shift
+    ty = _uniform(gen, b, -1, 1) * max_shift
+    cos, sin = torch.cos(angle) * side, torch.sin(angle) * side
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    theta = theta.to(images.device, images.dtype)
+    grid = F.affine_grid(theta, [b, images.shape[1], spec.size, spec.size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_intensity(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
+    """Gamma, contrast and brightness changes as between scanners, plus a little noise."""
+    b = images.shape[0]
+    shape = (b, 1, 1, 1)
+    gamma = _uniform(gen, b, *spec.gamma).view(shape).to(images)
+    contrast = _uniform(gen, b, *spec.contrast).view(shape).to(images)
+    brightness = _uniform(gen, b, -spec.brightness, spec.brightness).view(shape).to(images)
+    out = images.clamp(min=0).pow(gamma)
+    mean = out.mean(dim=(2, 3), keepdim=True)
+    out = (out - mean) * contrast + mean + brightness
+    if spec.noise_std > 0:
+        noise = torch.randn(images.shape, generator=gen).to(images)
+        out = out + spec.noise_std * noise
+    if spec.blur_prob > 0:
+        blur = (torch.rand(b, generator=gen) < spec.blur_prob).view(shape).to(images)
+        out = blur * gaussian_blur(out, sigma=1.0) + (1 - blur) * out
+    return out
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(2 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = images.shape[1]
+    kx = kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    ky = kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+    out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="replicate"), kx, groups=c)
+    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), ky, groups=c)
+
+
+def make_view(images: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
+    return random_intensity(random_resized_crop(images, spec, gen), spec, gen)
+
+
+def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (B, 1, H, W) to (B, 1, size, size) with antialiasing when shrinking."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)

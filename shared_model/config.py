@@ -1,0 +1,297 @@
+"""The typed run configuration: one schema, a YAML preset, dotlist overrides, merged once.
+
+Every entry point (the three CLIs, the Flower apps) calls :func:`load_config` at its edge and
+passes the resulting :class:`FedCMRConfig` dataclass inward; nothing below the edge parses
+configuration. A misspelled key or a value of the wrong type fails with :class:`ConfigError`
+naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR_ENV = "FEDCMR_CONFIG_DIR"
+RESOLVED_CONFIG_NAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key and the source."""
+
+
+class SSLMethod(str, Enum):
+    """Self-supervised pretraining objectives (one module each in shared_model.ssl)."""
+
+    mae = "mae"
+
+
+class Aggregator(str, Enum):
+    """Server-side aggregation rules."""
+
+    fedavg = "fedavg"
+
+
+class SecAggMode(str, Enum):
+    """Whether Flower's SecAgg+ masks the encoder updates."""
+
+    auto = "auto"  # on whenever at least 3 sites take part
+    on = "on"
+    off = "off"
+
+
+class PrivacyMode(str, Enum):
+    """Differential privacy regime."""
+
+    off = "off"
+
+
+@dataclass
+class DataConfig:
+    """Where a node's images live and how the store lays them out."""
+
+    store: str = ""  # the node's local store folder (node-local; never sent by the server)
+    spacing_mm: float = 1.5  # in-plane pixel spacing of the store's arrays, mm
+    crop_px: int = 128  # side of the square crop kept around the image centre, store pixels
+
+
+@dataclass
+class ModelConfig:
+    """The encoder: a named preset from shared_model.encoders."""
+
+    preset: str = "vit-tiny-p8-64"
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class MAEConfig:
+    """Masked autoencoder (He et al. 2022): masking ratio and the light pixel decoder."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True  # target = per-patch normalised pixels
+
+
+@dataclass
+class SSLConfig:
+    """Local self-supervised pretraining, per federated round."""
+
+    method: SSLMethod = SSLMethod.mae
+    local_steps: int = 10  # optimiser steps each site takes per round
+    batch_size: int = 32
+    lr: float = 1.0e-3
+    weight_decay: float = 0.05
+    mae: MAEConfig = field(default_factory=MAEConfig)
+
+
+@dataclass
+class TasksConfig:
+    """Clinical fine-tuning tasks (names from the task registry)."""
+
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SecAggConfig:
+    """Flower SecAgg+ settings (see flwr.server.workflow.SecAggPlusWorkflow)."""
+
+    mode: SecAggMode = SecAggMode.auto
+    num_shares: int = 3
+    reconstruction_threshold: int = 2
+    clipping_range: float = 8.0  # every weight must lie in [-range, range]
+    quantization_range: int = 4194304
+    timeout_s: float = 300.0
+
+
+@dataclass
+class FederationConfig:
+    """Rounds, participation and aggregation on the server."""
+
+    rounds: int = 2
+    # A round needs replies from at least this many sites. None: every simulated site
+    # (fedcmr-sim fills it in); a deployment must set it.
+    min_sites: Optional[int] = None
+    fraction_fit: float = 1.0
+    aggregator: Aggregator = Aggregator.fedavg
+    round_timeout_s: float = 600.0
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy and its budget."""
+
+    mode: PrivacyMode = PrivacyMode.off
+
+
+@dataclass
+class SimConfig:
+    """Simulated federation (fedcmr-sim)."""
+
+    sites: int = 2
+    images_per_site: int = 96
+    cpus_per_site: float = 1.0  # Ray CPUs per simulated ClientApp
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes its config, weights and metrics."""
+
+    dir: str = "runs/latest"
+
+
+@dataclass
+class FedCMRConfig:
+    """The whole run: one instance travels from the CLI edge into every component."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def config_dir() -> Path:
+    """The folder of YAML presets: $FEDCMR_CONFIG_DIR, else the repository's configs/."""
+    env = os.environ.get(CONFIG_DIR_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+
+
+def available_presets() -> list[str]:
+    """Names of the YAML presets in :func:`config_dir`."""
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def resolve_preset_path(preset: str | Path) -> Path:
+    """A preset name (``demo-cpu``) or a path to a YAML file, as an existing path."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    candidate = config_dir() / f"{preset}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(
+            f"unknown config preset '{preset}'; available: {', '.join(available_presets())} "
+            "(or pass a path to a YAML file)"
+        )
+    return candidate
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: key '{key}': {reason}") from exc
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax errors come in many types
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"overrides: {exc}") from exc
+
+
+def load_config(
+    preset: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> FedCMRConfig:
+    """Defaults, then the preset YAML, then ``key=value`` overrides; validated and typed."""
+    merged = OmegaConf.structured(FedCMRConfig)
+    if preset is not None:
+        path = resolve_preset_path(preset)
+        merged = _merge(merged, _read_yaml(path), str(path))
+    if overrides:
+        merged = _merge(merged, _parse_overrides(overrides), "override")
+    cfg: FedCMRConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate_config(cfg)
+    return cfg
+
+
+def config_from_yaml(text: str, source: str) -> FedCMRConfig:
+    """Parse a resolved config (e.g. one sent by the server or saved in a run folder)."""
+    try:
+        loaded = OmegaConf.create(text)
+    except Exception as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from exc
+    merged = _merge(OmegaConf.structured(FedCMRConfig), loaded, source)
+    cfg: FedCMRConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate_config(cfg)
+    return cfg
+
+
+def config_to_yaml(cfg: FedCMRConfig) -> str:
+    """The resolved config as YAML text; :func:`config_from_yaml` reads it back."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_resolved_config(cfg: FedCMRConfig, run_dir: str | Path) -> Path:
+    """Write ``config.yaml`` into a run folder (atomically) and return its path."""
+    from shared_model.files import atomic_write_text
+
+    path = Path(run_dir) / RESOLVED_CONFIG_NAME
+    atomic_write_text(path, config_to_yaml(cfg))
+    return path
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"key '{key}': {message}")
+
+
+def validate_config(cfg: FedCMRConfig) -> None:
+    """Checks that types alone cannot express (ranges, known names, consistency)."""
+    from shared_model.encoders import PRESETS
+
+    _require(cfg.model.preset in PRESETS, "model.preset",
+             f"unknown encoder preset '{cfg.model.preset}'; known: {', '.join(PRESETS)}")
+    _require(0.0 < cfg.ssl.mae.mask_ratio < 1.0, "ssl.mae.mask_ratio", "must lie in (0, 1)")
+    _require(cfg.ssl.local_steps >= 1, "ssl.local_steps", "must be >= 1")
+    _require(cfg.ssl.batch_size >= 1, "ssl.batch_size", "must be >= 1")
+    _require(cfg.ssl.lr > 0, "ssl.lr", "must be > 0")
+    _require(cfg.federation.rounds >= 1, "federation.rounds", "must be >= 1")
+    _require(cfg.federation.min_sites is None or cfg.federation.min_sites >= 1,
+             "federation.min_sites", "must be >= 1")
+    _require(0 < cfg.federation.fraction_fit <= 1, "federation.fraction_fit", "must lie in (0, 1]")
+    _require(cfg.data.spacing_mm > 0, "data.spacing_mm", "must be > 0")
+    _require(cfg.data.crop_px >= 16, "data.crop_px", "must be >= 16")
+    _require(cfg.sim.sites >= 1, "sim.sites", "must be >= 1")
+    _require(cfg.sim.images_per_site >= 1, "sim.images_per_site", "must be >= 1")
+    _require(cfg.sim.cpus_per_site > 0, "sim.cpus_per_site", "must be > 0")
+    sa = cfg.federation.secagg
+    _require(sa.clipping_range > 0, "federation.secagg.clipping_range", "must be > 0")
+    _require(2 <= sa.reconstruction_threshold <= sa.num_shares,
+             "federation.secagg.reconstruction_threshold",
+             "must satisfy 2 <= threshold <= num_shares")
+    _require(sa.timeout_s > 0, "federation.secagg.timeout_s", "must be > 0 seconds")
+    device = cfg.device
+    _require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "device",
+             f"'{device}' is not one of auto, cpu, cuda, cuda:N")

@@ -1,0 +1,99 @@
+"""Encoder presets: timm Vision Transformers with one input channel and no classifier.
+
+Presets that timm does not know by name are registered with timm under ``fedcmr_*`` names when
+this module is imported, so a saved encoder loads with plain timm:
+``timm.create_model(preset.timm_name, in_chans=1, num_classes=0, checkpoint_path=file)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch.nn as nn
+from timm.models import PretrainedCfg
+from timm.models import build_model_with_cfg, register_model
+from timm.models.vision_transformer import VisionTransformer
+
+
+@dataclass(frozen=True)
+class EncoderPreset:
+    """A named ViT architecture; ``image_size`` in pixels, ``patch_size`` in pixels."""
+
+    name: str
+    timm_name: str
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """The architecture arguments timm needs besides the name (for documentation)."""
+        return dict(img_size=self.image_size, patch_size=self.patch_size,
+                    embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
+
+
+PRESETS: dict[str, EncoderPreset] = {
+    p.name: p
+    for p in (
+        # CPU presets: ViT-tiny width, patch 8, shallow; fit 2 CPU cores.
+        EncoderPreset("vit-tiny-p8-64", "fedcmr_vit_tiny_p8_64", 64, 8, 192, 4, 3),
+        EncoderPreset("vit-tiny-p8-96", "fedcmr_vit_tiny_p8_96", 96, 8, 192, 6, 3),
+        # The paper's encoder: DINO ViT-S/8 at 224 px.
+        EncoderPreset("vit-small-p8-224", "vit_small_patch8_224", 224, 8, 384, 12, 6),
+    )
+}
+
+
+def _register_with_timm(preset: EncoderPreset) -> None:
+    if preset.timm_name in timm.list_models(preset.timm_name):
+        return
+
+    def create(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        if pretrained:
+            raise ValueError(f"{preset.timm_name} has no downloadable weights; "
+                             "pass checkpoint_path= to load a FedCMR encoder")
+        if kwargs.get("pretrained_cfg") is None:
+            # Store images are single-channel and already normalised to zero mean, unit std.
+            kwargs["pretrained_cfg"] = PretrainedCfg(
+                architecture=preset.timm_name, input_size=(1, preset.image_size, preset.image_size),
+                mean=(0.0,), std=(1.0,), num_classes=0, first_conv="patch_embed.proj",
+                license="apache-2.0")
+        return build_model_with_cfg(VisionTransformer, preset.timm_name, pretrained=False,
+                                    **dict(preset.timm_kwargs(), **kwargs))
+
+    create.__name__ = preset.timm_name
+    create.__qualname__ = preset.timm_name
+    register_model(create)
+
+
+for _preset in PRESETS.values():
+    if _preset.timm_name.startswith("fedcmr_"):
+        _register_with_timm(_preset)
+
+
+def get_preset(name: str) -> EncoderPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown encoder preset '{name}'; known: {', '.join(PRESETS)}") from None
+
+
+def build_encoder(preset: str | EncoderPreset, drop_path_rate: float = 0.0) -> VisionTransformer:
+    """A freshly initialised encoder (1 channel in, CLS embedding out, no classifier)."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    model = timm.create_model(p.timm_name, pretrained=False, in_chans=1, num_classes=0,
+                              drop_path_rate=drop_path_rate, img_size=p.image_size)
+    assert isinstance(model, VisionTransformer)
+    return model
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

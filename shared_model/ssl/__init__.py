@@ -1,0 +1,25 @@
+"""Self-supervised pretraining methods, registered by name (``ssl.method`` in the config)."""
+
+from __future__ import annotations
+
+from shared_model.config import FedCMRConfig, SSLMethod
+from shared_model.encoders import build_encoder
+from shared_model.ssl.base import SSLModel
+
+
+def build_ssl_model(cfg: FedCMRConfig) -> SSLModel:
+    """The configured method around a freshly initialised encoder."""
+    encoder = build_encoder(cfg.model.preset, drop_path_rate=cfg.model.drop_path_rate)
+    if cfg.ssl.method == SSLMethod.mae:
+        from shared_model.ssl.mae import MAE
+
+        return MAE(encoder, cfg.ssl.mae)
+    raise NotImplementedError(f"ssl.method={cfg.ssl.method.value} is not available")
+
+
+FEDERATED_PREFIXES = ("encoder.", "head.")
+
+
+def federated_keys(model: SSLModel) -> list[str]:
+    """State-dict keys that travel between nodes and server (encoder and SSL head), in order."""
+    return [k for k in model.state_dict() if k.startswith(FEDERATED_PREFIXES)]

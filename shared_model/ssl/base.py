@@ -1,0 +1,40 @@
+"""What every self-supervised method provides: an encoder, a head, and one training step."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+
+class SSLModel(Protocol):
+    """A pretraining model; ``encoder.*`` and ``head.*`` are the federated weights."""
+
+    encoder: VisionTransformer
+    head: torch.nn.Module
+
+    def training_step(self, images: torch.Tensor,
+                      gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for a batch of (B, 1, H, W) images, plus scalar health signals."""
+        ...
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Updates outside the gradient (e.g. an EMA teacher); ``step`` counts from 0."""
+        ...
+
+    def parameters(self, recurse: bool = True):  # noqa: ANN201 - nn.Module's signature
+        ...
+
+    def state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        ...
+
+
+def embedding_std(features: torch.Tensor) -> float:
+    """Std over the batch of L2-normalised embeddings, averaged over dimensions.
+
+    About 1/sqrt(D) for well-spread embeddings and 0 for a collapsed encoder (all inputs mapped
+    to one point): the health signal both methods log.
+    """
+    normed = torch.nn.functional.normalize(features.detach().float(), dim=-1)
+    return float(normed.std(dim=0).mean())

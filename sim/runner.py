@@ -1,0 +1,111 @@
+"""Run a federation of simulated sites on Flower's simulation engine (Ray backend).
+
+The sites are ordinary FedCMR nodes: each has a local store and runs the same ClientApp a
+hospital runs; the ServerApp is the consortium's. Only the engine differs from a deployment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from shared_model.config import FedCMRConfig
+
+log = logging.getLogger(__name__)
+
+
+def site_store(sites_root: Path, index: int) -> Path:
+    return sites_root / f"site-{index}" / "store"
+
+
+# Ray puts AF_UNIX sockets ~70 characters below its temp dir; the kernel allows 107 in all.
+RAY_TMPDIR_MAX_CHARS = 36
+
+
+@contextlib.contextmanager
+def ray_tmpdir(run_dir: Path) -> Iterator[Path]:
+    """``run_dir/.ray`` when its path is short enough for Ray's sockets, else a short /tmp one."""
+    local = (run_dir / ".ray").resolve()
+    if len(str(local)) <= RAY_TMPDIR_MAX_CHARS:
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    short = Path(tempfile.mkdtemp(prefix="fedcmr-ray-"))
+    try:
+        yield short
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def flower_environment(run_dir: Path) -> Iterator[None]:
+    """Run-local Flower/Ray folders, no runtime dependency installs; restored afterwards."""
+    with ray_tmpdir(run_dir) as ray_dir, _environment(run_dir, ray_dir):
+        yield
+
+
+@contextlib.contextmanager
+def _environment(run_dir: Path, ray_dir: Path) -> Iterator[None]:
+    settings = {
+        "FLWR_HOME": str(run_dir / ".flwr"),
+        "RAY_TMPDIR": str(ray_dir),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "TIMM_FUSED_ATTN": os.environ.get("TIMM_FUSED_ATTN", "0"),
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+    previous = {k: os.environ.get(k) for k in settings}
+    Path(settings["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_federation(cfg: FedCMRConfig, sites_root: Path) -> None:
+    """Pretrain across ``cfg.sim.sites`` simulated nodes whose stores live under ``sites_root``."""
+    from flwr.simulation import run_simulation
+
+    from client.app import NodeSettings, build_client_app
+    from server.app import build_server_app
+
+    def settings_for(context) -> NodeSettings:  # noqa: ANN001 - flwr Context
+        index = int(context.node_config["partition-id"])
+        return NodeSettings(store=site_store(sites_root, index), device=cfg.device,
+                            site_index=index)
+
+    run_dir = Path(cfg.output.dir)
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.sim.cpus_per_site, "num_gpus": 0.0},
+        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
+                      "configure_logging": False},
+    }
+    with flower_environment(run_dir):
+        try:
+            run_simulation(server_app=build_server_app(cfg),
+                           client_app=build_client_app(settings_for),
+                           num_supernodes=cfg.sim.sites, backend_config=backend_config)
+        finally:
+            _stop_ray()
+
+
+def _stop_ray() -> None:
+    """Ray is Flower's to stop; make sure of it even when the run failed midway."""
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from shared_model.config import (
+    ConfigError,
+    FedCMRConfig,
+    SSLMethod,
+    available_presets,
+    config_from_yaml,
+    config_to_yaml,
+    load_config,
+    save_resolved_config,
+)
+
+
+def test_presets_load_and_differ() -> None:
+    # Prepare / Execute
+    demo = load_config("demo-cpu")
+    paper = load_config("paper-vit-s8")
+    # Assert
+    assert {"demo-cpu", "paper-vit-s8"} <= set(available_presets())
+    assert demo.model.preset == "vit-tiny-p8-64"
+    assert paper.model.preset == "vit-small-p8-224"
+    assert isinstance(demo, FedCMRConfig) and demo.ssl.method is SSLMethod.mae
+
+
+def test_overrides_apply_with_types() -> None:
+    cfg = load_config("demo-cpu", ["federation.rounds=5", "ssl.lr=0.01", "device=cpu"])
+    assert cfg.federation.rounds == 5 and cfg.ssl.lr == pytest.approx(0.01)
+    assert cfg.device == "cpu"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("ssl.lrr=0.1", "ssl.lrr"),                  # misspelled key
+    ("federation.roundz=3", "federation.roundz"),
+    ("nosuchsection.x=1", "nosuchsection"),
+    ("federation.rounds=many", "federation.rounds"),  # wrong type
+    ("ssl.method=simclr", "ssl.method"),          # not a known method
+    ("model.preset=vit-huge", "model.preset"),    # not a known preset
+    ("ssl.mae.mask_ratio=1.5", "ssl.mae.mask_ratio"),
+    ("device=tpu", "device"),
+])
+def test_bad_overrides_name_the_key(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config("demo-cpu", [override])
+
+
+def test_override_without_equals_is_refused() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("demo-cpu", ["federation.rounds"])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("ssl:\n  local_stepz: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "bad.yaml" in str(info.value) and "ssl.local_stepz" in str(info.value)
+
+
+def test_wrong_type_in_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("federation:\n  rounds: [1, 2]\n")
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        load_config(path)
+
+
+def test_unknown_preset_lists_available() -> None:
+    with pytest.raises(ConfigError, match="demo-cpu"):
+        load_config("no-such-preset")
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config("demo-cpu", ["seed=7", "federation.min_sites=2"])
+    path = save_resolved_config(cfg, tmp_path)
+    again = config_from_yaml(path.read_text(), source=str(path))
+    assert again == cfg
+    assert OmegaConf.create(config_to_yaml(cfg))["seed"] == 7

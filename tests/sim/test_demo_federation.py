@@ -1,0 +1,68 @@
+"""One small federation end to end, through the CLI a researcher runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from server.app import initial_weights
+from shared_model.config import config_from_yaml
+from shared_model.weights import load_safetensors, select_prefix
+
+
+def _processes_mentioning(fragment: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(fragment in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, ) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("demo")
+    overrides = ["ssl.local_steps=2", "ssl.batch_size=8", "sim.images_per_site=16",
+                 "ssl.mae.decoder_depth=1", "ssl.mae.decoder_dim=64", "device=cpu"]
+    proc = subprocess.run([sys.executable, "-m", "sim", "demo", "--out", str(out), *overrides],
+                          capture_output=True, text=True, timeout=600)
+    return out, proc
+
+
+def test_demo_writes_config_encoder_and_metrics(demo_run) -> None:
+    out, proc = demo_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert str(out / "encoder.safetensors") in proc.stdout.replace("\n", "")
+    cfg = config_from_yaml((out / "config.yaml").read_text(), "config.yaml")
+    assert cfg.federation.rounds == 2 and cfg.sim.sites == 2
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(r["status"] == "aggregated" for r in records)
+    assert all(set(r["sites"]) == {"site-0", "site-1"} for r in records)
+    assert "loss_mean" in records[-1]["aggregate"]
+    assert (out / "metrics.csv").read_text().startswith("round,phase,site")
+
+
+def test_aggregated_encoder_is_finite_and_trained(demo_run) -> None:
+    out, proc = demo_run
+    assert proc.returncode == 0
+    trained, meta = load_safetensors(out / "encoder.safetensors")
+    cfg = config_from_yaml((out / "config.yaml").read_text(), "config.yaml")
+    _, initial = initial_weights(cfg)
+    start = select_prefix(initial, "encoder.")
+    assert set(trained) == set(start)
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    moved = sum(float((trained[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3
+    assert meta["timm_name"] == "fedcmr_vit_tiny_p8_64"
+
+
+def test_no_ray_or_flower_process_outlives_the_run(demo_run) -> None:
+    out, _ = demo_run
+    assert _processes_mentioning(str(out)) == []
