@@ -10,6 +10,8 @@ PYTEST_ARGS ?=
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export TIMM_FUSED_ATTN := 0
+# Tools started by Flower (flower-superlink, flower-supernode) come from the venv.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test install clean
 

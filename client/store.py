@@ -47,7 +47,14 @@ class StoreError(RuntimeError):
 
 @dataclass
 class SeriesRecord:
-    """One acquisition in the store. ``sequence``/``view`` are normalised labels, not headers."""
+    """One acquisition in the store. ``sequence``/``view`` are normalised labels, not headers.
+
+    Labels, when the node has them, sit beside the image array: ``mask`` is a uint8 array of the
+    same (slices, phases, H, W) shape with values from ``shared_model.labels.MASK_VALUES``,
+    annotated only on ``labeled_frames``; ``landmarks`` maps a frame key ``"s,t"`` to
+    ``{name: [row, col]}`` in store pixels; ``classes`` holds series-level class labels
+    (e.g. ``{"lge_pathology": "scar"}``).
+    """
 
     key: str
     array: str  # path relative to the store root
@@ -56,6 +63,10 @@ class SeriesRecord:
     view: str = "unknown"
     subject: str = ""  # a store-local pseudonym, never a header value
     info: dict[str, Any] = field(default_factory=dict)
+    mask: str = ""  # path relative to the store root; "" when unlabelled
+    labeled_frames: list[list[int]] = field(default_factory=list)  # [slice, phase] pairs
+    landmarks: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    classes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,6 +74,7 @@ class Manifest:
     spacing_mm: float
     crop_px: int
     series: dict[str, SeriesRecord] = field(default_factory=dict)
+    subjects: dict[str, dict[str, str]] = field(default_factory=dict)  # pseudonym -> labels
     format: str = STORE_FORMAT
     version: int = STORE_VERSION
 
@@ -86,7 +98,8 @@ class LocalStore:
                     f"{store.manifest.crop_px} px, not {spacing_mm} mm / {crop_px} px; "
                     "use a new store folder or the same data settings")
             return store
-        (root / "arrays").mkdir(parents=True, exist_ok=True)
+        for folder in ("arrays", "masks"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
         store = cls(root, Manifest(spacing_mm=spacing_mm, crop_px=crop_px))
         store.save_manifest()
         return store
@@ -107,8 +120,12 @@ class LocalStore:
         if raw.get("version") != STORE_VERSION:
             raise StoreError(f"{path}: store version {raw.get('version')} is not supported "
                              f"(expected {STORE_VERSION}); re-ingest into a new folder")
-        series = {k: SeriesRecord(**v) for k, v in raw.get("series", {}).items()}
-        manifest = Manifest(spacing_mm=raw["spacing_mm"], crop_px=raw["crop_px"], series=series)
+        try:
+            series = {k: SeriesRecord(**v) for k, v in raw.get("series", {}).items()}
+            manifest = Manifest(spacing_mm=raw["spacing_mm"], crop_px=raw["crop_px"],
+                                series=series, subjects=raw.get("subjects", {}))
+        except (KeyError, TypeError) as exc:
+            raise StoreError(f"{path}: malformed manifest ({exc}); re-ingest into a new folder") from exc
         return cls(root, manifest)
 
     def save_manifest(self) -> None:
@@ -118,21 +135,37 @@ class LocalStore:
     def has(self, key: str) -> bool:
         return key in self.manifest.series
 
-    def add_series(self, record: SeriesRecord, array: np.ndarray) -> SeriesRecord:
-        """Write one series' array (slices, phases, H, W) and record it in the manifest."""
+    def add_series(self, record: SeriesRecord, array: np.ndarray,
+                   mask: np.ndarray | None = None) -> SeriesRecord:
+        """Write one series' array (slices, phases, H, W), and its mask if any, then record it.
+
+        Arrays are written before the manifest names them, so a crash in between leaves an
+        orphan file, never a manifest entry without its data.
+        """
         if array.ndim != 4:
             raise StoreError(f"series {record.key}: expected a 4-D array, got {array.shape}")
         record.array = f"arrays/{record.key}.npy"
         record.shape = [int(n) for n in array.shape]
         data = np.ascontiguousarray(array, dtype=np.float16)
         atomic_write(self.root / record.array, lambda tmp: _save_npy(tmp, data))
+        if mask is not None:
+            if mask.shape != array.shape:
+                raise StoreError(f"series {record.key}: mask shape {mask.shape} differs from "
+                                 f"the image's {array.shape}")
+            record.mask = f"masks/{record.key}.npy"
+            labels = np.ascontiguousarray(mask, dtype=np.uint8)
+            atomic_write(self.root / record.mask, lambda tmp: _save_npy(tmp, labels))
         self.manifest.series[record.key] = record
         self.save_manifest()
         return record
 
-    def load(self, key: str) -> np.ndarray:
+    def set_subject_labels(self, subject: str, labels: dict[str, str]) -> None:
+        self.manifest.subjects.setdefault(subject, {}).update(labels)
+        self.save_manifest()
+
+    def _load_npy(self, key: str, relative: str) -> np.ndarray:
         record = self.manifest.series[key]
-        path = self.root / record.array
+        path = self.root / relative
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
@@ -141,6 +174,17 @@ class LocalStore:
             raise StoreError(f"{path}: shape {array.shape} differs from the manifest's "
                              f"{record.shape}; re-ingest series {key}")
         return array
+
+    def load(self, key: str) -> np.ndarray:
+        """The series' images, float16 (slices, phases, H, W)."""
+        return self._load_npy(key, self.manifest.series[key].array)
+
+    def load_mask(self, key: str) -> np.ndarray:
+        """The series' mask, uint8 (slices, phases, H, W); only ``labeled_frames`` are annotated."""
+        record = self.manifest.series[key]
+        if not record.mask:
+            raise StoreError(f"series {key} has no mask")
+        return self._load_npy(key, record.mask)
 
     def unlabeled_frames(self, size: int) -> torch.Tensor:
         """Every frame of every series as (N, 1, size, size) float32 for self-supervision."""

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Label values of the SAX segmentation task (ACDC order).
-BACKGROUND, LV_BLOOD, LV_MYO, RV_BLOOD = 0, 1, 2, 3
+from shared_model.labels import DISEASES, MASK_VALUES
 
-DISEASES = ("NOR", "DCM", "HCM", "MINF", "ARV")
+BACKGROUND = 0
+LV_BLOOD, LV_MYO, RV_BLOOD = MASK_VALUES["lv_blood"], MASK_VALUES["lv_myo"], MASK_VALUES["rv_blood"]
 
 
 @dataclass(frozen=True)

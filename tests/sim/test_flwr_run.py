@@ -42,7 +42,9 @@ def test_flwr_run_uses_the_project_apps(tmp_path: Path) -> None:
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     ray_dir = Path(tempfile.mkdtemp(prefix="fr-"))  # Ray's socket paths must stay short
-    env = dict(os.environ, FLWR_HOME=str(flwr_home), RAY_TMPDIR=str(ray_dir),
+    bin_dir = str(Path(sys.executable).parent)  # flwr starts flower-superlink from PATH
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+               FLWR_HOME=str(flwr_home), RAY_TMPDIR=str(ray_dir),
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     out = tmp_path / "out"
     run_config = (f"sim-root='{tmp_path / 'sites'}' out-dir='{out}' "
