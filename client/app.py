@@ -26,7 +26,13 @@ from client.store import LocalStore
 from shared_model.config import FedCMRConfig, config_from_yaml
 from shared_model.encoders import get_preset
 from shared_model.ssl import build_ssl_model, federated_keys
-from shared_model.train import make_generator, make_optimizer, pretrain_local, resolve_device
+from shared_model.train import (
+    Span,
+    make_generator,
+    make_optimizer,
+    pretrain_local,
+    resolve_device,
+)
 from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays
 
 log = logging.getLogger(__name__)
@@ -115,9 +121,11 @@ class PretrainClient(NumPyClient):
             get_preset(plan.model.preset).image_size)
         gen = make_generator(plan.seed, "site", self.settings.site_index, "round", server_round)
         optimizer = make_optimizer(model, plan.ssl.lr, plan.ssl.weight_decay)
+        rounds = plan.federation.rounds
+        span = Span((server_round - 1) / rounds, server_round / rounds)
         result = pretrain_local(model, images, steps=plan.ssl.local_steps,
                                 batch_size=plan.ssl.batch_size, optimizer=optimizer, gen=gen,
-                                device=device)
+                                device=device, base_lr=plan.ssl.lr, span=span)
         state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
         metrics = {**asdict(result), **result.stats, "num_images": images.shape[0],
                    "site_index": self.settings.site_index}

@@ -91,3 +91,36 @@ def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
                          antialias=True)
+
+
+def random_affine_theta(batch: int, gen: torch.Generator, max_rotation_deg: float = 12.0,
+                        scale: tuple[float, float] = (0.9, 1.1),
+                        max_shift: float = 0.06) -> torch.Tensor:
+    """(B, 2, 3) affine matrices in normalised coordinates: output point -> input point."""
+    angle = _uniform(gen, batch, -max_rotation_deg, max_rotation_deg) * math.pi / 180
+    zoom = 1.0 / _uniform(gen, batch, *scale)
+    tx = _uniform(gen, batch, -max_shift, max_shift)
+    ty = _uniform(gen, batch, -max_shift, max_shift)
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+
+
+def apply_affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Resample (B, C, H, W) with ``theta``; ``mode="nearest"`` for label maps."""
+    theta = theta.to(images.device, torch.float32)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out.to(images.dtype)
+
+
+def affine_points(coords: torch.Tensor, theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Move (B, L, 2) (row, col) pixel points the way :func:`apply_affine` moves the image."""
+    theta = theta.to(coords.device, torch.float32)
+    x = (2 * coords[..., 1] + 1) / width - 1  # pixel centre -> normalised, align_corners=False
+    y = (2 * coords[..., 0] + 1) / height - 1
+    a, t = theta[:, :, :2], theta[:, :, 2]
+    p_in = torch.stack([x, y], dim=-1) - t[:, None, :]
+    p_out = torch.linalg.solve(a[:, None].expand(-1, coords.shape[1], -1, -1), p_in[..., None])[..., 0]
+    col = ((p_out[..., 0] + 1) * width - 1) / 2
+    row = ((p_out[..., 1] + 1) * height - 1) / 2
+    return torch.stack([row, col], dim=-1)

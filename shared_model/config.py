@@ -30,6 +30,7 @@ class SSLMethod(str, Enum):
     """Self-supervised pretraining objectives (one module each in shared_model.ssl)."""
 
     mae = "mae"
+    dino = "dino"
 
 
 class Aggregator(str, Enum):
@@ -50,6 +51,7 @@ class PrivacyMode(str, Enum):
     """Differential privacy regime."""
 
     off = "off"
+    sample = "sample"  # DP-SGD at each node (Opacus): protects each image of a site
 
 
 @dataclass
@@ -80,6 +82,34 @@ class MAEConfig:
     norm_pix_loss: bool = True  # target = per-patch normalised pixels
 
 
+class TeacherMode(str, Enum):
+    """How a DINO teacher lives in a federation (compared in the simulation report)."""
+
+    local_ema = "local_ema"  # each site keeps an EMA of the aggregated student across rounds
+    aggregated = "aggregated"  # the teacher is averaged by the server like the student
+
+
+@dataclass
+class DINOConfig:
+    """DINO (Caron et al. 2021): multi-crop self-distillation with an EMA teacher."""
+
+    out_dim: int = 1024  # prototypes (65536 in the paper's ViT-S/8)
+    hidden_dim: int = 512
+    bottleneck_dim: int = 128
+    head_layers: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_fraction: float = 0.1  # of all pretraining steps, for the teacher temperature
+    center_momentum: float = 0.9
+    momentum_start: float = 0.996  # teacher EMA momentum, cosine-scheduled to 1
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])
+    local_crops: int = 4
+    local_crop_fraction: float = 0.5  # local crop side as a fraction of the image side
+    teacher: TeacherMode = TeacherMode.local_ema
+
+
 @dataclass
 class SSLConfig:
     """Local self-supervised pretraining, per federated round."""
@@ -90,13 +120,30 @@ class SSLConfig:
     lr: float = 1.0e-3
     weight_decay: float = 0.05
     mae: MAEConfig = field(default_factory=MAEConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+
+
+class FinetuneMode(str, Enum):
+    """How much of the encoder fine-tuning may change."""
+
+    linear = "linear"  # encoder frozen; only the task head trains (a linear probe for classes)
+    full = "full"  # everything trains, with layer-wise learning-rate decay on the encoder
+    frozen_then_unfrozen = "frozen_then_unfrozen"  # head first, then everything
 
 
 @dataclass
 class TasksConfig:
-    """Clinical fine-tuning tasks (names from the task registry)."""
+    """Clinical fine-tuning (task names from shared_model.tasks)."""
 
     names: list[str] = field(default_factory=list)
+    mode: FinetuneMode = FinetuneMode.full
+    steps: int = 200  # optimiser steps per fine-tuning session
+    batch_size: int = 16
+    lr: float = 1.0e-3  # head learning rate; encoder block i gets lr * layer_decay**(depth - i)
+    layer_decay: float = 0.75
+    weight_decay: float = 0.01
+    frozen_fraction: float = 0.3  # share of steps with a frozen encoder (frozen_then_unfrozen)
+    augment: bool = True
 
 
 @dataclass
@@ -130,6 +177,10 @@ class PrivacyConfig:
     """Differential privacy and its budget."""
 
     mode: PrivacyMode = PrivacyMode.off
+    noise_multiplier: float = 1.0  # Gaussian noise std / clipping norm
+    max_grad_norm: float = 1.0  # per-sample gradient clipping norm (sample-level DP)
+    delta: float = 1.0e-5
+    accountant: str = "prv"  # prv | rdp (Opacus accountants)
 
 
 @dataclass
@@ -275,6 +326,13 @@ def validate_config(cfg: FedCMRConfig) -> None:
              f"unknown encoder preset '{cfg.model.preset}'; known: {', '.join(PRESETS)}")
     _require(0.0 < cfg.ssl.mae.mask_ratio < 1.0, "ssl.mae.mask_ratio", "must lie in (0, 1)")
     _require(cfg.ssl.local_steps >= 1, "ssl.local_steps", "must be >= 1")
+    dino = cfg.ssl.dino
+    for key in ("global_crop_scale", "local_crop_scale"):
+        scale = getattr(dino, key)
+        _require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, f"ssl.dino.{key}",
+                 "must be [low, high] with 0 < low <= high <= 1")
+    _require(0 <= dino.momentum_start < 1, "ssl.dino.momentum_start", "must lie in [0, 1)")
+    _require(dino.local_crops >= 0, "ssl.dino.local_crops", "must be >= 0")
     _require(cfg.ssl.batch_size >= 1, "ssl.batch_size", "must be >= 1")
     _require(cfg.ssl.lr > 0, "ssl.lr", "must be > 0")
     _require(cfg.federation.rounds >= 1, "federation.rounds", "must be >= 1")
@@ -292,6 +350,17 @@ def validate_config(cfg: FedCMRConfig) -> None:
              "federation.secagg.reconstruction_threshold",
              "must satisfy 2 <= threshold <= num_shares")
     _require(sa.timeout_s > 0, "federation.secagg.timeout_s", "must be > 0 seconds")
+    from shared_model.tasks import TASKS
+
+    unknown = [n for n in cfg.tasks.names if n not in TASKS]
+    _require(not unknown, "tasks.names", f"unknown task(s) {unknown}; known: {', '.join(sorted(TASKS))}")
+    _require(cfg.tasks.steps >= 1, "tasks.steps", "must be >= 1")
+    _require(0 < cfg.tasks.layer_decay <= 1, "tasks.layer_decay", "must lie in (0, 1]")
+    _require(0 <= cfg.tasks.frozen_fraction < 1, "tasks.frozen_fraction", "must lie in [0, 1)")
+    _require(cfg.privacy.accountant in ("prv", "rdp"), "privacy.accountant", "must be prv or rdp")
+    _require(cfg.privacy.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+    _require(cfg.privacy.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+    _require(0 < cfg.privacy.delta < 1, "privacy.delta", "must lie in (0, 1)")
     device = cfg.device
     _require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "device",
              f"'{device}' is not one of auto, cpu, cuda, cuda:N")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
 from timm.models import PretrainedCfg
 from timm.models import build_model_with_cfg, register_model
@@ -86,13 +87,56 @@ def get_preset(name: str) -> EncoderPreset:
         raise KeyError(f"unknown encoder preset '{name}'; known: {', '.join(PRESETS)}") from None
 
 
-def build_encoder(preset: str | EncoderPreset, drop_path_rate: float = 0.0) -> VisionTransformer:
-    """A freshly initialised encoder (1 channel in, CLS embedding out, no classifier)."""
+class Encoder(VisionTransformer):
+    """timm's ViT whose ``__call__`` returns what FedCMR's heads consume.
+
+    Every use of the encoder goes through ``__call__`` (never ``forward_features`` from outside)
+    so that Opacus' per-sample gradient hooks, which wrap the encoder as one module because it
+    owns ``cls_token`` and ``pos_embed`` directly, see the complete computation. The weights are
+    plain timm ViT weights (same keys), so they load into ``timm.create_model``.
+
+    - ``encoder(images)``: all tokens after the final norm, (B, prefix + N, D)
+    - ``encoder(images, keep)``: only the patches indexed by ``keep`` (B, K) are encoded (MAE),
+      (B, prefix + K, D)
+    - with ``taps`` set: token maps of those blocks, before the final norm, (B, T, N, D)
+    - bags of frames (B, K, 1, H, W) give (B, K, ...): under DP-SGD a bag (a series or a
+      study) is then one sample, as it must be
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.taps: tuple[int, ...] = ()
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if images.ndim == 5:
+            out = self.forward(images.flatten(0, 1))
+            return out.view(*images.shape[:2], *out.shape[1:])
+        if keep is not None:
+            return self._encode_visible(images, keep)
+        if self.taps:
+            maps = self.forward_intermediates(images, indices=list(self.taps), norm=False,
+                                              output_fmt="NLC", intermediates_only=True)
+            return torch.stack(list(maps), dim=1)
+        return self.forward_features(images)
+
+    def _encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = self._pos_embed(self.patch_embed(images))
+        prefix = self.num_prefix_tokens
+        tokens = x[:, prefix:]
+        index = keep.to(images.device).long().unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        x = torch.cat([x[:, :prefix], torch.gather(tokens, 1, index)], dim=1)
+        return self.norm(self.blocks(self.norm_pre(x)))
+
+
+def build_encoder(preset: str | EncoderPreset, drop_path_rate: float = 0.0) -> Encoder:
+    """A freshly initialised encoder (1 channel in, no classifier), see :class:`Encoder`.
+
+    ``dynamic_img_size`` lets the same weights take smaller inputs (DINO's local crops); it only
+    changes the forward pass, so the weights still load into plain timm models.
+    """
     p = get_preset(preset) if isinstance(preset, str) else preset
-    model = timm.create_model(p.timm_name, pretrained=False, in_chans=1, num_classes=0,
-                              drop_path_rate=drop_path_rate, img_size=p.image_size)
-    assert isinstance(model, VisionTransformer)
-    return model
+    return Encoder(**p.timm_kwargs(), in_chans=1, num_classes=0, drop_path_rate=drop_path_rate,
+                   dynamic_img_size=True)
 
 
 def count_parameters(module: nn.Module) -> int:

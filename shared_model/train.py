@@ -1,17 +1,23 @@
-"""Local training loops: device choice, seeded batches, bf16 autocast on GPU.
+"""Local training loops: device choice, seeded batches, bf16 autocast on GPU, gradient
+accumulation, and checkpoints that let a session resume mid-way with the same numbers.
 
 A loop trains what it is given on the tensors it is given; it neither reads configuration files
-nor talks to Flower.
+nor talks to Flower. :func:`run_steps` is the one engine; :func:`pretrain_local` (SSL) and
+``shared_model.finetune.finetune`` (tasks) are thin wrappers around it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from shared_model.checkpoint import CheckpointError, LoopState, load_loop_state, save_loop_state
 from shared_model.ssl.base import SSLModel
 
 
@@ -47,18 +53,94 @@ class BatchSampler:
         self.num_items = num_items
         self.batch_size = min(batch_size, num_items)
         self.gen = gen
-        self._order = torch.empty(0, dtype=torch.long)
+        self.order = torch.empty(0, dtype=torch.long)
 
     def next(self) -> torch.Tensor:
-        while self._order.numel() < self.batch_size:
-            self._order = torch.cat([self._order, torch.randperm(self.num_items, generator=self.gen)])
-        batch, self._order = self._order[: self.batch_size], self._order[self.batch_size:]
+        while self.order.numel() < self.batch_size:
+            self.order = torch.cat([self.order, torch.randperm(self.num_items, generator=self.gen)])
+        batch, self.order = self.order[: self.batch_size], self.order[self.batch_size:]
         return batch
+
+
+class TensorBatches:
+    """Batches drawn from in-memory tensors that share their first dimension."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], batch_size: int, gen: torch.Generator) -> None:
+        self.tensors = list(tensors)
+        self.sampler = BatchSampler(int(self.tensors[0].shape[0]), batch_size, gen)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        while True:
+            index = self.sampler.next()
+            yield tuple(t[index] for t in self.tensors)
+
+    @property
+    def order(self) -> torch.Tensor:
+        return self.sampler.order
+
+    @order.setter
+    def order(self, value: torch.Tensor) -> None:
+        self.sampler.order = value.long()
+
+
+class LoaderBatches:
+    """Batches from a DataLoader (Opacus' Poisson sampler), cycled; empty batches skipped."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        while True:
+            for batch in self.loader:
+                if len(batch[0]) > 0:
+                    yield tuple(batch)
+
+
+def learning_rate(base_lr: float, progress: float, warmup: float = 0.05,
+                  floor: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` of training, then cosine decay to ``floor * base_lr``."""
+    if progress < warmup:
+        return base_lr * max(progress, 1e-3) / warmup
+    rest = (progress - warmup) / max(1 - warmup, 1e-8)
+    return base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(rest, 1.0))))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+@dataclass(frozen=True)
+class Span:
+    """The part of a whole training run that one local session covers, as fractions 0..1.
+
+    In a federation, round r of R covers ((r-1)/R, r/R): schedules run over all rounds.
+    """
+
+    start: float = 0.0
+    end: float = 1.0
+
+    def at(self, step: int, steps: int) -> float:
+        return self.start + (self.end - self.start) * step / max(steps, 1)
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Save the loop every ``every`` steps to ``path``; resume from it when it exists.
+
+    ``fingerprint`` names the session (e.g. task, round, seed): a checkpoint of another
+    session is refused rather than silently continued.
+    """
+
+    path: Path
+    every: int = 50
+    fingerprint: str = ""
 
 
 @dataclass
 class LocalResult:
-    """What a round of local training reports (scalars only)."""
+    """What a local session reports (scalars only)."""
 
     steps: int
     images_seen: int
@@ -67,6 +149,7 @@ class LocalResult:
     loss_last: float
     loss_mean: float
     stats: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0
 
 
 def autocast_for(device: torch.device) -> torch.autocast:
@@ -75,38 +158,115 @@ def autocast_for(device: torch.device) -> torch.autocast:
                           enabled=device.type == "cuda")
 
 
+StepFn = Callable[[tuple[torch.Tensor, ...], float], tuple[torch.Tensor, dict[str, float]]]
+
+
+def run_steps(model: torch.nn.Module, batches: TensorBatches | LoaderBatches, step_fn: StepFn, *,
+              optimizer: torch.optim.Optimizer, steps: int, base_lr: float, device: torch.device,
+              gen: torch.Generator, span: Span = Span(), accumulate: int = 1,
+              before_step: Callable[[int], None] | None = None,
+              after_step: Callable[[int, float], None] | None = None,
+              checkpoint: CheckpointPolicy | None = None,
+              dp_history: Callable[[], list[list[float]]] | None = None) -> LocalResult:
+    """The training engine: ``steps`` optimiser steps, each over ``accumulate`` micro-batches.
+
+    ``step_fn(batch, progress)`` returns (loss, stats) for a batch already on ``device``.
+    With ``checkpoint``, the loop resumes from its file and saves to it every ``every`` steps
+    and at the end.
+    """
+    state = _resume(checkpoint, model, optimizer, gen, batches)
+    first_step = state.step if state else 0
+    losses = list(state.losses) if state else []
+    totals: dict[str, float] = {}
+    images = 0
+    start = time.perf_counter()
+    for step in range(first_step, steps):
+        progress = span.at(step, steps)
+        if before_step is not None:
+            before_step(step)
+        set_learning_rate(optimizer, learning_rate(base_lr, progress))
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(accumulate):
+            batch = tuple(t.to(device, non_blocking=True) for t in next(iter_batches(batches)))
+            images += int(batch[0].shape[0])
+            with autocast_for(device):
+                loss, stats = step_fn(batch, progress)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}; lower the learning rate")
+            (loss / accumulate).backward()
+            losses.append(float(loss.detach()))
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / accumulate
+        optimizer.step()
+        if after_step is not None:
+            after_step(step, progress)
+        if checkpoint and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
+            _save(checkpoint, step + 1, model, optimizer, gen, batches, losses, dp_history)
+    done = max(steps - first_step, 1)
+    return LocalResult(
+        steps=steps - first_step, images_seen=images, seconds=time.perf_counter() - start,
+        loss_first=losses[0] if losses else math.nan, loss_last=losses[-1] if losses else math.nan,
+        loss_mean=sum(losses) / len(losses) if losses else math.nan,
+        stats={k: v / done for k, v in totals.items()}, resumed_from=first_step)
+
+
+def iter_batches(batches: TensorBatches | LoaderBatches) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One persistent iterator per batch source (created on first use)."""
+    it = getattr(batches, "_iterator", None)
+    if it is None:
+        it = iter(batches)
+        batches._iterator = it  # type: ignore[union-attr]
+    return it
+
+
+def _resume(policy: CheckpointPolicy | None, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, gen: torch.Generator,
+            batches: TensorBatches | LoaderBatches) -> LoopState | None:
+    if policy is None or not policy.path.exists():
+        return None
+    state = load_loop_state(policy.path)
+    if state.fingerprint != policy.fingerprint:
+        raise CheckpointError(f"{policy.path} belongs to session '{state.fingerprint}', not "
+                              f"'{policy.fingerprint}'; move it away to start this session")
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    gen.set_state(state.generator)
+    batches.order = state.batch_order
+    return state
+
+
+def _save(policy: CheckpointPolicy, step: int, model: torch.nn.Module,
+          optimizer: torch.optim.Optimizer, gen: torch.Generator,
+          batches: TensorBatches | LoaderBatches, losses: list[float],
+          dp_history: Callable[[], list[list[float]]] | None) -> None:
+    save_loop_state(policy.path, LoopState(
+        step=step, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        optimizer=optimizer.state_dict(), generator=gen.get_state(),
+        batch_order=batches.order.clone(), losses=losses,
+        dp_history=dp_history() if dp_history else [], fingerprint=policy.fingerprint))
+
+
 def pretrain_local(model: SSLModel, images: torch.Tensor, *, steps: int, batch_size: int,
                    optimizer: torch.optim.Optimizer, gen: torch.Generator,
-                   device: torch.device) -> LocalResult:
+                   device: torch.device, base_lr: float, span: Span = Span(),
+                   accumulate: int = 1, checkpoint: CheckpointPolicy | None = None) -> LocalResult:
     """``steps`` optimiser steps of the model's self-supervised objective on ``images``.
 
     ``images`` is a (N, 1, H, W) float tensor at the encoder's input size; it stays on the CPU
-    and batches move to ``device`` as they are drawn.
+    and batches move to ``device`` as they are drawn. The learning rate follows
+    :func:`learning_rate` over the whole run, of which this session covers ``span``.
     """
     model.train()
-    sampler = BatchSampler(images.shape[0], batch_size, gen)
-    losses: list[float] = []
-    totals: dict[str, float] = {}
-    start = time.perf_counter()
-    for step in range(steps):
-        batch = images[sampler.next()].to(device, non_blocking=True)
-        with autocast_for(device):
-            loss, stats = model.training_step(batch, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at local step {step}; lower ssl.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.after_optimizer_step(step, steps)
-        losses.append(float(loss.detach()))
-        for key, value in stats.items():
-            totals[key] = totals.get(key, 0.0) + value
-    seconds = time.perf_counter() - start
-    return LocalResult(
-        steps=steps, images_seen=steps * sampler.batch_size, seconds=seconds,
-        loss_first=losses[0], loss_last=losses[-1], loss_mean=sum(losses) / len(losses),
-        stats={k: v / steps for k, v in totals.items()},
-    )
+
+    def step_fn(batch: tuple[torch.Tensor, ...], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        model.set_progress(progress)
+        return model.training_step(batch[0], gen)
+
+    return run_steps(model, TensorBatches([images], batch_size, gen), step_fn,  # type: ignore[arg-type]
+                     optimizer=optimizer, steps=steps, base_lr=base_lr, device=device, gen=gen,
+                     span=span, accumulate=accumulate,
+                     after_step=lambda step, progress: model.after_optimizer_step(),
+                     checkpoint=checkpoint)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -115,8 +275,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        flat = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token", "reg_token"))
-        (no_decay if flat else decay).append(param)
+        (no_decay if is_no_decay(name, param) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token", "reg_token"))

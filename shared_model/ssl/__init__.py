@@ -14,12 +14,14 @@ def build_ssl_model(cfg: FedCMRConfig) -> SSLModel:
         from shared_model.ssl.mae import MAE
 
         return MAE(encoder, cfg.ssl.mae)
-    raise NotImplementedError(f"ssl.method={cfg.ssl.method.value} is not available")
+    if cfg.ssl.method == SSLMethod.dino:
+        from shared_model.ssl.dino import DINO
 
-
-FEDERATED_PREFIXES = ("encoder.", "head.")
+        return DINO(encoder, cfg.ssl.dino)
+    raise ValueError(f"ssl.method={cfg.ssl.method.value} has no implementation")
 
 
 def federated_keys(model: SSLModel) -> list[str]:
-    """State-dict keys that travel between nodes and server (encoder and SSL head), in order."""
-    return [k for k in model.state_dict() if k.startswith(FEDERATED_PREFIXES)]
+    """State-dict keys that travel between nodes and server (encoder, SSL head, ...), in order."""
+    prefixes = model.federated_prefixes()
+    return [k for k in model.state_dict() if k.startswith(prefixes)]

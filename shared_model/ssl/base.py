@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 
 class SSLModel(Protocol):
     """A pretraining model; ``encoder.*`` and ``head.*`` are the federated weights."""
 
-    encoder: VisionTransformer
+    encoder: torch.nn.Module  # shared_model.encoders.Encoder
     head: torch.nn.Module
 
     def training_step(self, images: torch.Tensor,
@@ -19,8 +18,16 @@ class SSLModel(Protocol):
         """Loss for a batch of (B, 1, H, W) images, plus scalar health signals."""
         ...
 
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Updates outside the gradient (e.g. an EMA teacher); ``step`` counts from 0."""
+    def set_progress(self, progress: float) -> None:
+        """Fraction (0..1) of the whole pretraining done, across rounds; drives schedules."""
+        ...
+
+    def after_optimizer_step(self) -> None:
+        """Updates outside the gradient (e.g. the EMA teacher)."""
+        ...
+
+    def federated_prefixes(self) -> tuple[str, ...]:
+        """State-dict key prefixes the server aggregates."""
         ...
 
     def parameters(self, recurse: bool = True):  # noqa: ANN201 - nn.Module's signature

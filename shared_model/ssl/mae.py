@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block
 
 from shared_model.augment import ViewSpec, make_view
 from shared_model.config import MAEConfig
+from shared_model.encoders import Encoder
 from shared_model.ssl.base import embedding_std
 
 
@@ -61,19 +62,6 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     return (per_patch * mask).sum() / mask.sum().clamp(min=1)
 
 
-def encode_visible(encoder: VisionTransformer, images: torch.Tensor,
-                   keep: torch.Tensor) -> torch.Tensor:
-    """Run the encoder on the kept patches only (prefix tokens first), final norm applied."""
-    x = encoder._pos_embed(encoder.patch_embed(images))
-    prefix = encoder.num_prefix_tokens
-    tokens = x[:, prefix:]
-    index = keep.to(images.device).unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-    x = torch.cat([x[:, :prefix], torch.gather(tokens, 1, index)], dim=1)
-    x = encoder.norm_pre(x)
-    x = encoder.blocks(x)
-    return encoder.norm(x)
-
-
 class MAEDecoder(nn.Module):
     """Light decoder: embed, add mask tokens, a few transformer blocks, predict pixels."""
 
@@ -113,7 +101,7 @@ class MAEDecoder(nn.Module):
 class MAE(nn.Module):
     """Encoder + MAE decoder head; see the module docstring."""
 
-    def __init__(self, encoder: VisionTransformer, cfg: MAEConfig) -> None:
+    def __init__(self, encoder: Encoder, cfg: MAEConfig) -> None:
         super().__init__()
         self.encoder = encoder
         self.cfg = cfg
@@ -127,7 +115,7 @@ class MAE(nn.Module):
         """(loss, predicted patches, mask, encoded visible tokens) for already-made views."""
         keep, restore, mask = random_masking(images.shape[0], self.encoder.patch_embed.num_patches,
                                              self.cfg.mask_ratio, gen)
-        latent = encode_visible(self.encoder, images, keep)
+        latent = self.encoder(images, keep)
         pred = self.head(latent, restore)
         mask = mask.to(images.device)
         target = patchify(images, self.patch_size)
@@ -142,5 +130,11 @@ class MAE(nn.Module):
         pooled = latent[:, self.encoder.num_prefix_tokens:].mean(dim=1)
         return loss, {"embed_std": embedding_std(pooled)}
 
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        return None
+    def federated_prefixes(self) -> tuple[str, ...]:
+        return ("encoder.", "head.")
+
+    def set_progress(self, progress: float) -> None:
+        """MAE has no schedule of its own (the optimiser's learning rate is the loop's)."""
+
+    def after_optimizer_step(self) -> None:
+        """Nothing outside the gradient to update."""

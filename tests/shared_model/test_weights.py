@@ -104,4 +104,4 @@ def test_saved_encoder_loads_with_plain_timm(tmp_path: Path, preset: str) -> Non
     encoder.eval()
     loaded.eval()
     with torch.no_grad():
-        assert torch.allclose(loaded(x), encoder(x), atol=1e-6)
+        assert torch.allclose(loaded(x), encoder(x)[:, 0], atol=1e-6)  # CLS embedding

@@ -1,0 +1,86 @@
+"""Mid-session training checkpoints without pickle: safetensors for every tensor, JSON for the rest.
+
+A checkpoint holds the model weights, the optimizer state (tensors under ``optim/<param>/<name>``,
+param groups as JSON), the step reached, the random generator state, the batch order still to
+come, an accountant history when DP-SGD runs, and running loss statistics. Written atomically;
+a truncated or foreign file is an error, never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared_model.weights import WeightsError, load_safetensors, save_safetensors
+
+FORMAT = "fedcmr-loop-checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+@dataclass
+class LoopState:
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    generator: torch.Tensor
+    batch_order: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+    dp_history: list[list[float]] = field(default_factory=list)
+    fingerprint: str = ""
+
+
+def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, float]] = {}
+    for param_id, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{param_id}/{name}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_loop_state(path: str | Path, state: LoopState) -> Path:
+    tensors = {f"model/{k}": v for k, v in state.model.items()}
+    optim_tensors, optim_meta = _optimizer_tensors(state.optimizer)
+    tensors.update(optim_tensors)
+    tensors["rng/generator"] = state.generator
+    tensors["rng/batch_order"] = state.batch_order.to(torch.int64)
+    meta = {"format": FORMAT, "step": state.step, "optimizer": optim_meta,
+            "losses": state.losses, "dp_history": state.dp_history,
+            "fingerprint": state.fingerprint}
+    return save_safetensors(path, tensors, {"fedcmr": json.dumps(meta)})
+
+
+def load_loop_state(path: str | Path) -> LoopState:
+    try:
+        tensors, raw_meta = load_safetensors(path)
+        meta = json.loads(raw_meta["fedcmr"])
+    except (WeightsError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a usable training checkpoint ({exc}); delete it to "
+                              "start the session afresh, or restore the file") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a FedCMR training checkpoint")
+    optim_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, param_id, name = key.split("/", 2)
+            optim_state.setdefault(int(param_id), {})[name] = value
+    for param_id, slots in meta["optimizer"]["scalars"].items():
+        optim_state.setdefault(int(param_id), {}).update(slots)
+    return LoopState(
+        step=int(meta["step"]),
+        model={k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+        optimizer={"state": optim_state, "param_groups": meta["optimizer"]["param_groups"]},
+        generator=tensors["rng/generator"], batch_order=tensors["rng/batch_order"],
+        losses=list(meta["losses"]), dp_history=list(meta["dp_history"]),
+        fingerprint=str(meta.get("fingerprint", "")),
+    )

@@ -1,0 +1,171 @@
+"""Fine-tuning a task model on a node's labelled samples, and evaluating it.
+
+Modes (``tasks.mode``): ``linear`` trains the head on a frozen encoder; ``full`` trains all with
+layer-wise learning-rate decay (encoder block i gets ``lr * decay**(depth - i)``, the
+embeddings ``lr * decay**(depth + 1)``); ``frozen_then_unfrozen`` trains the head alone for the
+first ``frozen_fraction`` of the steps, then everything. Optional DP-SGD (Opacus) for
+``linear`` and ``full``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from shared_model.augment import (
+    ViewSpec,
+    affine_points,
+    apply_affine,
+    random_affine_theta,
+    random_intensity,
+)
+from shared_model.config import FinetuneMode, TasksConfig
+from shared_model.privacy import DPSettings, PrivacyError, make_private
+from shared_model.tasks.base import Task, TaskData, TaskKind
+from shared_model.tasks.scoring import predict, task_loss, task_metrics
+from shared_model.train import (
+    CheckpointPolicy,
+    LoaderBatches,
+    LocalResult,
+    Span,
+    TensorBatches,
+    is_no_decay,
+    run_steps,
+)
+
+FINETUNE_INTENSITY = ViewSpec(size=0, gamma=(0.8, 1.25), contrast=(0.85, 1.15), brightness=0.05,
+                              noise_std=0.02)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for embeddings, i + 1 for encoder block i, depth + 1 for the final norm and the head."""
+    if name.startswith("encoder."):
+        rest = name[len("encoder."):]
+        if rest.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token")):
+            return 0
+        if rest.startswith("blocks."):
+            return int(rest.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups carrying ``lr_scale`` (layer-wise decay) and their weight decay."""
+    depth = len(model.encoder.blocks)  # type: ignore[attr-defined]
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lid = layer_id(name.removeprefix("_module."), depth)
+        flat = is_no_decay(name, param)
+        group = groups.setdefault((lid, flat), {
+            "params": [], "weight_decay": 0.0 if flat else weight_decay,
+            "lr_scale": layer_decay ** (depth + 1 - lid)})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def set_encoder_trainable(model: torch.nn.Module, trainable: bool) -> None:
+    model.encoder.requires_grad_(trainable)  # type: ignore[attr-defined]
+
+
+def augment_batch(task: Task, inputs: torch.Tensor, targets: torch.Tensor,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same small rotation/scale/shift for image and label, plus intensity changes."""
+    frames = inputs.flatten(0, 1) if task.kind == TaskKind.bag_classification else inputs
+    theta = random_affine_theta(frames.shape[0], gen)
+    frames = random_intensity(apply_affine(frames, theta), FINETUNE_INTENSITY, gen)
+    if task.kind == TaskKind.segmentation:
+        targets = apply_affine(targets[:, None].float(), theta, mode="nearest")[:, 0].long()
+    elif task.kind == TaskKind.landmarks:
+        targets = affine_points(targets, theta, *frames.shape[-2:])
+    return frames.view_as(inputs), targets
+
+
+@dataclass
+class FinetuneResult:
+    local: LocalResult
+    epsilon: float = 0.0
+    dp_history: list[list[float]] | None = None
+
+
+def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: TasksConfig, *,
+             gen: torch.Generator, device: torch.device, span: Span = Span(),
+             dp: DPSettings | None = None, dp_history: list[list[float]] | None = None,
+             checkpoint: CheckpointPolicy | None = None) -> FinetuneResult:
+    """Train ``model`` (an encoder + head from shared_model.tasks.models) on ``data``."""
+    if len(data) == 0:
+        raise ValueError(f"no labelled samples for task '{task.name}'")
+    mode = settings.mode
+    if dp is not None and mode == FinetuneMode.frozen_then_unfrozen:
+        raise PrivacyError("DP-SGD fine-tuning supports tasks.mode=linear or full "
+                           "(unfreezing mid-way would change the per-sample gradient set)")
+    model.to(device)
+    set_encoder_trainable(model, mode == FinetuneMode.full)
+    tensors = [data.inputs, data.targets] + ([data.valid] if data.valid is not None else [])
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.layer_decay),
+                                  lr=settings.lr)
+    private = None
+    if dp is not None:
+        dataset = torch.utils.data.TensorDataset(*tensors)
+        private = make_private(model, optimizer, dataset, settings.batch_size, dp, gen, dp_history)
+        train_model, optimizer, batches = private.model, private.optimizer, LoaderBatches(private.loader)
+    else:
+        train_model, batches = model, TensorBatches(tensors, settings.batch_size, gen)
+    frozen_steps = int(settings.frozen_fraction * settings.steps)
+    if mode == FinetuneMode.frozen_then_unfrozen:
+        # every parameter is in the optimizer from the start; frozen ones get no gradient
+        set_encoder_trainable(model, True)
+        optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay,
+                                                   settings.layer_decay), lr=settings.lr)
+        set_encoder_trainable(model, False)
+
+    def step_fn(batch: tuple[torch.Tensor, ...], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, targets = batch[0], batch[1]
+        if settings.augment:
+            inputs, targets = augment_batch(task, inputs, targets, gen)
+        valid = batch[2] if len(batch) > 2 else None
+        return task_loss(task, train_model(inputs), targets, valid), {}
+
+    def before_step(step: int) -> None:
+        if mode == FinetuneMode.frozen_then_unfrozen:
+            set_encoder_trainable(model, step >= frozen_steps)
+
+    train_model.train()
+    if mode == FinetuneMode.linear:
+        model.encoder.eval()  # type: ignore[attr-defined]  # frozen features, no drop-path
+    try:
+        local = run_steps(train_model, batches, step_fn, optimizer=optimizer, steps=settings.steps,
+                          base_lr=settings.lr, device=device, gen=gen, span=span,
+                          before_step=before_step, checkpoint=checkpoint,
+                          dp_history=private.accountant_state if private else None)
+    finally:
+        if private is not None:
+            private.close()
+    if private is not None:
+        return FinetuneResult(local, private.epsilon(), private.accountant_state())
+    return FinetuneResult(local)
+
+
+@torch.no_grad()
+def predict_all(model: torch.nn.Module, task: Task, inputs: torch.Tensor, device: torch.device,
+                batch_size: int = 32) -> torch.Tensor:
+    """Predictions (probabilities, label maps or coordinates) for every input, on the CPU."""
+    model.eval()
+    model.to(device)
+    out = [predict(task, model(inputs[i:i + batch_size].to(device))).cpu()
+           for i in range(0, len(inputs), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: torch.nn.Module, task: Task, data: TaskData, device: torch.device,
+             batch_size: int = 32) -> dict[str, float]:
+    """The task's metrics on ``data`` (NaN where a metric is undefined, e.g. no samples)."""
+    if len(data) == 0:
+        return {"samples": 0.0}
+    predictions = predict_all(model, task, data.inputs, device, batch_size)
+    metrics = task_metrics(task, predictions, data.targets, data.valid, data.spacing_mm)
+    metrics["samples"] = float(len(data))
+    return {k: (float(v) if not (isinstance(v, float) and math.isnan(v)) else math.nan)
+            for k, v in metrics.items()}

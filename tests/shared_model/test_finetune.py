@@ -1,0 +1,128 @@
+"""Fine-tuning modes, layer-wise decay, DP-SGD with an accountant, and mid-session resume."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared_model.checkpoint import CheckpointError
+from shared_model.config import FinetuneMode, TasksConfig
+from shared_model.encoders import build_encoder
+from shared_model.finetune import evaluate, finetune, param_groups
+from shared_model.privacy import DPSettings, PrivacyError, epsilon_for
+from shared_model.tasks import get_task
+from shared_model.tasks.models import build_task_model
+from shared_model.train import CheckpointPolicy, make_generator
+from tests.shared_model.task_fixtures import sax_series
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def sax_data():  # noqa: ANN201
+    series = [sax_series(f"s{i}", f"subj{i}", seed=i) for i in range(2)]
+    return get_task("sax_seg").build(series, 64)
+
+
+def _model(task_name: str = "sax_seg") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_task_model(get_task(task_name), build_encoder("vit-tiny-p8-64"))
+
+
+def _settings(**kw) -> TasksConfig:  # noqa: ANN003
+    return TasksConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-3, **kw})
+
+
+def test_layerwise_decay_scales_encoder_blocks() -> None:
+    model = _model()
+    groups = param_groups(model, weight_decay=0.01, layer_decay=0.5)
+    scales = {}
+    for group in groups:
+        for p in group["params"]:
+            scales[id(p)] = group["lr_scale"]
+    named = dict(model.named_parameters())
+    assert scales[id(named["head.out.weight"])] == 1.0
+    assert scales[id(named["encoder.blocks.3.attn.qkv.weight"])] == 0.5
+    assert scales[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5**4
+    assert scales[id(named["encoder.pos_embed"])] == 0.5**5
+
+
+@pytest.mark.parametrize("mode", list(FinetuneMode))
+def test_modes_train_what_they_should(mode: FinetuneMode, sax_data) -> None:  # noqa: ANN001
+    model = _model()
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    result = finetune(model, get_task("sax_seg"), sax_data, _settings(mode=mode, frozen_fraction=0.5),
+                      gen=make_generator(0), device=CPU)
+    encoder_moved = any(not torch.equal(encoder_before[k], v) for k, v in model.encoder.state_dict().items())
+    head_moved = any(not torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
+    assert head_moved and encoder_moved == (mode != FinetuneMode.linear)
+    assert result.local.steps == 3
+
+
+def test_evaluate_reports_task_metrics(sax_data) -> None:  # noqa: ANN001
+    metrics = evaluate(_model(), get_task("sax_seg"), sax_data, CPU)
+    assert {"dice_lv_blood", "dice_lv_myo", "dice_rv_blood", "hd95_mm_lv_blood", "samples"} <= set(metrics)
+
+
+def test_dp_sgd_reports_epsilon_and_strips_the_wrapper(sax_data) -> None:  # noqa: ANN001
+    model = _model()
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    result = finetune(model, get_task("sax_seg"), sax_data, _settings(mode=FinetuneMode.full, steps=2),
+                      gen=make_generator(0), device=CPU, dp=dp)
+    assert result.epsilon > 0
+    assert not any(k.startswith("_module.") for k in model.state_dict())
+    # The accountant history is plain data: epsilon recomputes from it, and grows with more steps.
+    assert epsilon_for(result.dp_history, 1e-5) == pytest.approx(result.epsilon)
+    more = finetune(model, get_task("sax_seg"), sax_data, _settings(mode=FinetuneMode.linear, steps=2),
+                    gen=make_generator(1), device=CPU, dp=dp, dp_history=result.dp_history)
+    assert more.epsilon > result.epsilon
+
+
+def test_dp_refuses_unfreezing_mid_session(sax_data) -> None:  # noqa: ANN001
+    with pytest.raises(PrivacyError, match="linear or full"):
+        finetune(_model(), get_task("sax_seg"), sax_data, _settings(mode=FinetuneMode.frozen_then_unfrozen),
+                 gen=make_generator(0), device=CPU, dp=DPSettings(1.0, 1.0, 1e-5))
+
+
+def test_resume_mid_session_gives_identical_weights(tmp_path: Path, sax_data, monkeypatch) -> None:  # noqa: ANN001
+    import shared_model.finetune as finetune_module
+
+    task, settings = get_task("sax_seg"), _settings(steps=4)
+    # Uninterrupted run.
+    straight = _model()
+    finetune(straight, task, sax_data, settings, gen=make_generator(7), device=CPU)
+    # A run killed during its third step (the checkpoint is written every 2 steps) ...
+    policy = CheckpointPolicy(tmp_path / "loop.safetensors", every=2, fingerprint="sax/seed7")
+    calls = {"n": 0}
+    real_loss = finetune_module.task_loss
+
+    def dying_loss(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("node stopped")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "task_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_model(), task, sax_data, settings, gen=make_generator(7), device=CPU, checkpoint=policy)
+    monkeypatch.setattr(finetune_module, "task_loss", real_loss)
+    # ... and resumed by a fresh process-like start from the same seed.
+    resumed = _model()
+    result = finetune(resumed, task, sax_data, settings, gen=make_generator(7), device=CPU,
+                      checkpoint=policy)
+    assert result.local.resumed_from == 2
+    for key, value in straight.state_dict().items():
+        assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
+
+
+def test_checkpoint_of_another_session_or_corrupt_is_refused(tmp_path: Path, sax_data) -> None:  # noqa: ANN001
+    task = get_task("sax_seg")
+    policy = CheckpointPolicy(tmp_path / "loop.safetensors", every=1, fingerprint="a")
+    finetune(_model(), task, sax_data, _settings(steps=1), gen=make_generator(0), device=CPU, checkpoint=policy)
+    other = CheckpointPolicy(policy.path, every=1, fingerprint="b")
+    with pytest.raises(CheckpointError, match="belongs to session 'a'"):
+        finetune(_model(), task, sax_data, _settings(steps=2), gen=make_generator(0), device=CPU, checkpoint=other)
+    policy.path.write_bytes(policy.path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a usable"):
+        finetune(_model(), task, sax_data, _settings(steps=2), gen=make_generator(0), device=CPU, checkpoint=policy)
