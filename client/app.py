@@ -1,63 +1,79 @@
 """The hospital node's Flower ClientApp.
 
 It runs on Flower's legacy path (``client_fn`` + NumPyClient) because SecAgg+ needs it in
-flwr 1.42. What to train comes from the server, as the resolved run config in every fit
-instruction (the *plan*); where the node's data lives and which device it uses are the node's
-own settings (Flower ``node_config``), never the server's.
+flwr 1.42. What to train comes from the server, as the resolved run config in every instruction
+(the *plan*); where the node's data lives, which device it uses and what it accepts are the
+node's own settings (Flower ``node_config``), never the server's.
 
-Only allow-listed scalar metrics leave the node (see :data:`ALLOWED_METRICS`).
+Mods, outermost first:
+
+1. ``node_guard``: the node's own policy — refuses SecAgg+ settings weaker than it accepts, an
+   unmask request naming a node both as active and as dropped (which would let the server
+   unmask an individual update), and, if the node requires it, any round without SecAgg+.
+2. ``secure_aggregation``: Flower's ``secaggplus_mod`` for SecAgg+ rounds; plain rounds pass.
+3. ``clipping_range_check``: before masking, every weight must lie inside SecAgg+'s clipping
+   range; a weight outside it is an error naming the range, never a silent clip.
+4. ``update_clipping``: Flower's ``fixedclipping_mod`` when the server runs user-level DP.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import Context, Message
-from flwr.client import Client, NumPyClient
-from flwr.client.mod import secaggplus_mod
+from flwr.app.message_type import MessageType
+from flwr.client import Client
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-
-from client.store import LocalStore
-from shared_model.config import FedCMRConfig, config_from_yaml
-from shared_model.encoders import get_preset
-from shared_model.ssl import build_ssl_model, federated_keys
-from shared_model.train import (
-    Span,
-    make_generator,
-    make_optimizer,
-    pretrain_local,
-    resolve_device,
+from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+    Stage,
 )
-from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-log = logging.getLogger(__name__)
+from client.federated import FedCMRClient
 
-PLAN_KEY = "plan"  # fit-config entry holding the resolved run config as YAML
-ROUND_KEY = "round"
-
-# The only metrics a node reports: numbers about training, never about patients or headers.
-ALLOWED_METRICS = frozenset({
-    "site_index", "num_images", "steps", "images_seen", "seconds",
-    "loss_first", "loss_last", "loss_mean", "embed_std",
-})
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 
 
 class NodeConfigError(ValueError):
     """The node's own settings are missing or wrong."""
 
 
+class NodePolicyError(PermissionError):
+    """The server asked for something this node's policy does not allow."""
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """What a node accepts from any server (``node_config`` keys in brackets)."""
+
+    min_secagg_threshold: int = 2  # [min-secagg-threshold]
+    min_secagg_shares: int = 2  # [min-secagg-shares]
+    require_secagg: bool = False  # [require-secagg]
+
+
 @dataclass(frozen=True)
 class NodeSettings:
-    """What only the node decides: its store, its device, its index in a simulation."""
+    """What only the node decides: its store, its device, its index, its policy."""
 
     store: Path
     device: str = "auto"
     site_index: int = 0
+    policy: NodePolicy = NodePolicy()
+
+
+def _policy(node: dict) -> NodePolicy:
+    return NodePolicy(min_secagg_threshold=int(node.get("min-secagg-threshold", 2)),
+                      min_secagg_shares=int(node.get("min-secagg-shares", 2)),
+                      require_secagg=str(node.get("require-secagg", "false")).lower() in ("1", "true"))
 
 
 def node_settings_from_context(context: Context) -> NodeSettings:
@@ -66,86 +82,101 @@ def node_settings_from_context(context: Context) -> NodeSettings:
     Deployment: ``flower-supernode --node-config "store='/data/fedcmr-store' device='cuda'"``.
     Simulation under ``flwr run``: the store of partition ``i`` is ``<sim-root>/site-<i>/store``.
     """
-    node = context.node_config
+    node = dict(context.node_config)
     if "store" in node:
         return NodeSettings(store=Path(str(node["store"])), device=str(node.get("device", "auto")),
-                            site_index=int(node.get("site-index", 0)))
+                            site_index=int(node.get("site-index", 0)), policy=_policy(node))
     if "partition-id" in node and "sim-root" in context.run_config:
         index = int(node["partition-id"])
         return NodeSettings(store=Path(str(context.run_config["sim-root"])) / f"site-{index}" / "store",
-                            site_index=index)
+                            site_index=index, policy=_policy(node))
     raise NodeConfigError("node_config has no 'store'; start the SuperNode with "
                           "--node-config \"store='/path/to/fedcmr-store'\"")
 
 
-def outgoing_metrics(values: dict[str, object]) -> dict[str, float | int]:
-    """Keep allow-listed numeric metrics only; anything else never leaves the node."""
-    out: dict[str, float | int] = {}
-    for key, value in values.items():
-        if key not in ALLOWED_METRICS or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, np.integer)):
-            out[key] = int(value)
-        elif isinstance(value, (float, np.floating)) and np.isfinite(value):
-            out[key] = float(value)
-    return out
+def node_guard(policy: NodePolicy) -> Mod:
+    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        if msg.metadata.message_type == MessageType.TRAIN:
+            configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+            if configs is None and policy.require_secagg:
+                raise NodePolicyError("this node trains only under SecAgg+ (require-secagg)")
+            if configs is not None:
+                check_secagg_request(dict(configs), policy)
+        return call_next(msg, context)
+
+    return mod
 
 
-def plan_from_fit_config(config: dict[str, object]) -> FedCMRConfig:
-    text = config.get(PLAN_KEY)
-    if not isinstance(text, str):
-        raise ValueError(f"fit instruction carries no '{PLAN_KEY}'; is the server a FedCMR server?")
-    return config_from_yaml(text, source="server plan")
+def check_secagg_request(configs: dict, policy: NodePolicy) -> None:
+    """Refuse SecAgg+ set-ups below the node's policy and self-contradicting unmask requests."""
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        threshold, shares = int(configs[Key.THRESHOLD]), int(configs[Key.SHARE_NUMBER])
+        if threshold < policy.min_secagg_threshold or shares < policy.min_secagg_shares:
+            raise NodePolicyError(
+                f"SecAgg+ with threshold {threshold} and {shares} shares is below this node's "
+                f"policy (threshold >= {policy.min_secagg_threshold}, shares >= "
+                f"{policy.min_secagg_shares})")
+    elif stage == Stage.UNMASK:
+        both = set(configs.get(Key.ACTIVE_NODE_ID_LIST, [])) & set(configs.get(Key.DEAD_NODE_ID_LIST, []))
+        if both:
+            raise NodePolicyError(f"unmask request names {len(both)} node(s) both as active and "
+                                  "as dropped; refusing (it would reveal an individual update)")
 
 
-class PretrainClient(NumPyClient):
-    """One round of local self-supervised pretraining on the node's store."""
-
-    def __init__(self, settings: NodeSettings) -> None:
-        self.settings = settings
-
-    def get_parameters(self, config: dict[str, object]) -> list[np.ndarray]:
-        raise RuntimeError("FedCMR servers send initial weights; nodes never supply them")
-
-    def fit(self, parameters: list[np.ndarray], config: dict[str, object]
-            ) -> tuple[list[np.ndarray], int, dict[str, float | int]]:
-        plan = plan_from_fit_config(config)
-        server_round = int(config.get(ROUND_KEY, 0))
-        model = build_ssl_model(plan)
-        keys = federated_keys(model)
-        load_into(model, arrays_to_state_dict(parameters, keys, model.state_dict()),
-                  source="global weights")
-        device = resolve_device(self.settings.device)
-        model.to(device)
-        images = LocalStore.open(self.settings.store).unlabeled_frames(
-            get_preset(plan.model.preset).image_size)
-        gen = make_generator(plan.seed, "site", self.settings.site_index, "round", server_round)
-        optimizer = make_optimizer(model, plan.ssl.lr, plan.ssl.weight_decay)
-        rounds = plan.federation.rounds
-        span = Span((server_round - 1) / rounds, server_round / rounds)
-        result = pretrain_local(model, images, steps=plan.ssl.local_steps,
-                                batch_size=plan.ssl.batch_size, optimizer=optimizer, gen=gen,
-                                device=device, base_lr=plan.ssl.lr, span=span)
-        state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-        metrics = {**asdict(result), **result.stats, "num_images": images.shape[0],
-                   "site_index": self.settings.site_index}
-        return state_dict_to_arrays(state, keys), int(images.shape[0]), outgoing_metrics(metrics)
-
-
-def secure_aggregation_mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN201
-    """Hand SecAgg+ rounds to Flower's ``secaggplus_mod``; plain rounds pass straight through."""
+def secure_aggregation(msg: Message, context: Context,
+                       call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's SecAgg+ for SecAgg+ rounds; plain rounds pass straight through."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
-def build_client_app(settings_fn=node_settings_from_context) -> ClientApp:  # noqa: ANN001
-    """A ClientApp whose nodes find their settings with ``settings_fn(context)``."""
+def clipping_range_check(msg: Message, context: Context,
+                         call_next: Callable[[Message, Context], Message]) -> Message:
+    """Under SecAgg+, every outgoing weight must lie within +-clipping_range (checked, not clipped)."""
+    reply = call_next(msg, context)
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    if (msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or state is None
+            or RECORD_KEY_CONFIGS not in msg.content.config_records):
+        return reply
+    limit = float(state["clipping_range"])
+    arrays = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)
+    for index, array in enumerate(arrays):
+        peak = float(np.abs(array).max()) if array.size else 0.0
+        if peak > limit:
+            raise ValueError(f"weight array {index} reaches {peak:.3g}, outside SecAgg+'s clipping "
+                             f"range +-{limit:g}; raise federation.secagg.clipping_range on the "
+                             "server (SecAgg+ would otherwise clip it silently)")
+    return reply
+
+
+def update_clipping(msg: Message, context: Context,
+                    call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's fixed update clipping when the server runs user-level DP."""
+    if msg.metadata.message_type == MessageType.TRAIN and msg.content.array_records:
+        config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
+        if KEY_CLIPPING_NORM in config:
+            return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def build_client_app(settings_fn: Callable[[Context], NodeSettings] = node_settings_from_context,
+                     extra_mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp whose nodes find their settings with ``settings_fn(context)``.
+
+    ``extra_mods`` go outermost (simulations use this to inject faults).
+    """
 
     def client_fn(context: Context) -> Client:
-        return PretrainClient(settings_fn(context)).to_client()
+        settings = settings_fn(context)
+        return FedCMRClient(settings.store, settings.device, settings.site_index, context).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+    def guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        return node_guard(settings_fn(context).policy)(msg, context, call_next)
+
+    mods = [*(extra_mods or []), guard, secure_aggregation, clipping_range_check, update_clipping]
+    return ClientApp(client_fn=client_fn, mods=mods)
 
 
 app = build_client_app()

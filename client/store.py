@@ -13,25 +13,51 @@ atomically after each series, so an interrupted writer loses at most the series 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from shared_model.augment import resize_to
 from shared_model.files import atomic_write, atomic_write_text
+from shared_model.labels import parse_frame_key
+
+if TYPE_CHECKING:  # torch is imported where frames become tensors, so that the intake's
+    import torch  # reading processes start without it
 
 STORE_FORMAT = "fedcmr-store"
 STORE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
+def intensity_window(image: np.ndarray, low: float = 1.0,
+                     high: float = 99.0) -> tuple[float, float]:
+    """The ``low``..``high`` percentiles that :func:`normalise_intensity` maps to 0..1.
+
+    Kept with a series where the raw scale is physical (T1/T2 maps in ms), so that
+    ``raw = stored * (hi - lo) + lo`` recovers it.
+    """
+    flat = np.asarray(image, dtype=np.float32).reshape(-1)
+    if flat.size == 0:
+        return 0.0, 0.0
+    # np.percentile's default (linear) rule without its overhead: the intake calls this for
+    # every frame it reads. numpy's vectorised sort beats a 4-way partition up to ~256k values.
+    positions = np.array([low, high], dtype=np.float64) / 100.0 * (flat.size - 1)
+    below = np.floor(positions).astype(np.int64)
+    above = np.minimum(below + 1, flat.size - 1)
+    if flat.size <= 1 << 18:
+        part = np.sort(flat)
+    else:
+        part = np.partition(flat, np.unique(np.concatenate([below, above])))
+    values = part[below] + (part[above] - part[below]) * (positions - below)
+    return float(values[0]), float(values[1])
+
+
 def normalise_intensity(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
     """Map an image's ``low``..``high`` percentiles to 0..1, the store's intensity scale."""
-    lo, hi = np.percentile(image, [low, high])
-    return ((image - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
+    lo, hi = intensity_window(image, low, high)
+    return ((image - lo) / max(hi - lo, 1e-6)).astype(np.float32)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -54,6 +80,12 @@ class SeriesRecord:
     annotated only on ``labeled_frames``; ``landmarks`` maps a frame key ``"s,t"`` to
     ``{name: [row, col]}`` in store pixels; ``classes`` holds series-level class labels
     (e.g. ``{"lge_pathology": "scar"}``).
+
+    A frame in ``labeled_frames`` has every structure of its series' labels drawn, so a pixel
+    left 0 there is background. Frames where only some structures were drawn (Sunnybrook's
+    end-systolic frames have an endocardial contour but no epicardial one) are listed apart in
+    ``partial_labels`` (frame key -> the structure names drawn there): a task may use them only
+    for those structures.
     """
 
     key: str
@@ -67,6 +99,28 @@ class SeriesRecord:
     labeled_frames: list[list[int]] = field(default_factory=list)  # [slice, phase] pairs
     landmarks: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     classes: dict[str, str] = field(default_factory=dict)
+    partial_labels: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LabeledFrame:
+    """One annotated frame of a series: where it is and which structures it has drawn."""
+
+    key: str
+    slice: int
+    phase: int
+    structures: tuple[str, ...]  # names from MASK_VALUES; () for a fully labelled frame
+    complete: bool  # True: every structure of the series' labels is drawn here
+
+
+@dataclass(frozen=True)
+class LandmarkFrame:
+    """The landmarks of one frame, (row, col) in store pixels."""
+
+    key: str
+    slice: int
+    phase: int
+    points: dict[str, tuple[float, float]]
 
 
 @dataclass
@@ -186,8 +240,59 @@ class LocalStore:
             raise StoreError(f"series {key} has no mask")
         return self._load_npy(key, record.mask)
 
+    def records(self, sequence: str | None = None, view: str | None = None) -> list[SeriesRecord]:
+        """The series, sorted by key; filtered by sequence/view (label files first, then headers)."""
+        def label(record: SeriesRecord, name: str) -> str:
+            return record.classes.get(name) or getattr(record, name)
+
+        return [r for _, r in sorted(self.manifest.series.items())
+                if (sequence is None or label(r, "sequence") == sequence)
+                and (view is None or label(r, "view") == view)]
+
+    def iter_labeled_frames(self, structures: Iterable[str] = (),
+                            include_partial: bool = False) -> Iterator[LabeledFrame]:
+        """Frames with a mask, series by series (sorted), in (slice, phase) order.
+
+        ``structures`` (names from MASK_VALUES) keeps partial frames only when they have all of
+        them drawn; with ``include_partial=False`` only completely labelled frames come out.
+        """
+        wanted = set(structures)
+        for record in self.records():
+            if not record.mask:
+                continue
+            frames = [LabeledFrame(record.key, s, t, (), True) for s, t in record.labeled_frames]
+            if include_partial:
+                for fkey, names in record.partial_labels.items():
+                    if wanted <= set(names):
+                        s, t = parse_frame_key(fkey)
+                        frames.append(LabeledFrame(record.key, s, t, tuple(names), False))
+            yield from sorted(frames, key=lambda f: (f.slice, f.phase))
+
+    def iter_landmark_frames(self, names: Iterable[str] = ()) -> Iterator[LandmarkFrame]:
+        """Frames with landmarks (only those having every name in ``names``), series by series."""
+        wanted = set(names)
+        for record in self.records():
+            for fkey, points in sorted(record.landmarks.items(), key=lambda kv: parse_frame_key(kv[0])):
+                if wanted <= set(points):
+                    s, t = parse_frame_key(fkey)
+                    yield LandmarkFrame(record.key, s, t,
+                                        {n: (float(p[0]), float(p[1])) for n, p in points.items()})
+
+    def class_labels(self, name: str) -> dict[str, str]:
+        """Series key -> a label-file class (e.g. ``lge_pathology``), for series that have it."""
+        return {r.key: r.classes[name] for r in self.records() if r.classes.get(name)}
+
+    def subject_labels(self, name: str) -> dict[str, str]:
+        """Subject pseudonym -> a study label (e.g. ``disease``), for subjects that have it."""
+        return {s: labels[name] for s, labels in sorted(self.manifest.subjects.items())
+                if labels.get(name)}
+
     def unlabeled_frames(self, size: int) -> torch.Tensor:
         """Every frame of every series as (N, 1, size, size) float32 for self-supervision."""
+        import torch
+
+        from shared_model.augment import resize_to
+
         frames = []
         for key in sorted(self.manifest.series):
             array = self.load(key)

@@ -1,38 +1,52 @@
-"""The consortium's Flower ServerApp: federated self-supervised pretraining of the encoder.
+"""The consortium's Flower ServerApp: phases of federated rounds, then a release.
 
-Runs on Flower's legacy path (LegacyContext + DefaultWorkflow + a flwr.server.strategy), the
-only one on which SecAgg+ works in flwr 1.42. At the end it writes the aggregated encoder as
-safetensors (loadable by timm), the resolved config and per-round metrics into the run folder.
+Phases, in order: ``pretrain`` (``federation.rounds`` rounds of the configured SSL method), then
+for each task in ``tasks.names`` a ``finetune:<task>`` phase of ``federation.finetune_rounds``
+rounds, each evaluated at every site on its held-out subjects. Each phase runs Flower's legacy
+DefaultWorkflow (the only path on which SecAgg+ works in flwr 1.42) with a
+:class:`server.strategy.PhaseStrategy`. After every round the server writes a checkpoint; a run
+resumes from it with ``output.resume=true``. At the end it writes the release bundle.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from server.metrics import MetricsLog
-from server.strategy import PretrainStrategy
+from client.federated import initial_task_model, task_keys
+from client.protocol import FINETUNE, PRETRAIN
+from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
+from server.ledger import PrivacyLedger
+from server.metrics import MetricsLog, weighted_mean
+from server.progress import RunProgress
+from server.release import write_release
+from server.state import ServerState, load_state, save_state
+from server.strategy import BudgetExceeded, PhaseInfo, PhaseStrategy, RunPaused
+from server.workflows import timed_evaluate_workflow, timed_fit_workflow
 from shared_model.config import (
     ConfigError,
     FedCMRConfig,
-    SecAggMode,
     load_config,
     save_resolved_config,
+    secagg_enabled,
 )
-from shared_model.encoders import get_preset
+from shared_model.files import atomic_write_text
 from shared_model.ssl import build_ssl_model, federated_keys
-from shared_model.weights import arrays_to_state_dict, save_safetensors, select_prefix, state_dict_to_arrays
+from shared_model.tasks import get_task
+from shared_model.weights import arrays_to_state_dict, select_prefix, state_dict_to_arrays
 
 log = logging.getLogger(__name__)
 
-ENCODER_FILE = "encoder.safetensors"
+STATUS_FILE = "status.json"
 
 
 def config_from_run_config(run_config: dict[str, object]) -> FedCMRConfig:
@@ -43,69 +57,132 @@ def config_from_run_config(run_config: dict[str, object]) -> FedCMRConfig:
     return load_config(str(run_config.get("preset", "demo-cpu")), overrides)
 
 
-def secagg_enabled(cfg: FedCMRConfig) -> bool:
-    """SecAgg+ is on by default whenever a round needs at least 3 sites."""
-    mode = cfg.federation.secagg.mode
-    return mode == SecAggMode.on or (mode == SecAggMode.auto and (cfg.federation.min_sites or 0) >= 3)
+def plan_phases(cfg: FedCMRConfig) -> list[tuple[str, str, int]]:
+    """(phase, task, rounds) in the order they run."""
+    phases = [(PRETRAIN, "", cfg.federation.rounds)] if cfg.federation.rounds > 0 else []
+    if cfg.federation.finetune_rounds > 0:
+        phases += [(FINETUNE, task, cfg.federation.finetune_rounds) for task in cfg.tasks.names]
+    return phases
 
 
 @dataclass
-class PretrainOutcome:
+class Outcome:
     run_dir: Path
-    encoder_path: Path
-    rounds: int
+    status: str  # "released" | "paused" | "stopped"
+    detail: str = ""
 
 
-def initial_weights(cfg: FedCMRConfig) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """The seeded initial SSL model (all sites start from exactly these weights)."""
-    torch.manual_seed(cfg.seed)
-    model = build_ssl_model(cfg)
-    keys = federated_keys(model)
-    state = model.state_dict()
-    return keys, {k: state[k].detach().float() for k in keys}
-
-
-def build_workflow(cfg: FedCMRConfig) -> DefaultWorkflow:
-    if not secagg_enabled(cfg):
-        return DefaultWorkflow()
-    sa = cfg.federation.secagg
-    return DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=sa.num_shares, reconstruction_threshold=sa.reconstruction_threshold,
-        clipping_range=sa.clipping_range, quantization_range=sa.quantization_range,
-        timeout=sa.timeout_s))
-
-
-def run_pretraining(grid: Grid, context: Context, cfg: FedCMRConfig) -> PretrainOutcome:
+def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig) -> Outcome:
     if cfg.federation.min_sites is None:
         raise ConfigError("key 'federation.min_sites': a deployment must say how many sites a "
                           "round waits for, e.g. federation.min_sites=3")
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    state = load_state(run_dir, cfg) if cfg.output.resume else ServerState()
     save_resolved_config(cfg, run_dir)
-    keys, reference = initial_weights(cfg)
-    strategy = PretrainStrategy(cfg, state_dict_to_arrays(reference, keys), MetricsLog(run_dir))
-    legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.federation.rounds,
-                                                        round_timeout=cfg.federation.round_timeout_s),
-                           strategy=strategy)
-    log.info("pretraining: %d rounds, SecAgg+ %s", cfg.federation.rounds,
-             "on" if secagg_enabled(cfg) else "off")
-    build_workflow(cfg)(grid, legacy)
-    final = arrays_to_state_dict(strategy.latest, keys, reference)
-    encoder_path = save_encoder(run_dir / ENCODER_FILE, final, cfg)
-    return PretrainOutcome(run_dir=run_dir, encoder_path=encoder_path, rounds=cfg.federation.rounds)
+    ledger = (PrivacyLedger.from_json(state.ledger_json) if state.ledger_json
+              else PrivacyLedger(cfg.privacy.delta, cfg.privacy.accountant))
+    metrics = MetricsLog(run_dir, resume=cfg.output.resume)
+    metrics.truncate_after(state.global_round)
+    phases = plan_phases(cfg)
+    progress = RunProgress(sum(r for _, _, r in phases), state.global_round)
+    log.info("federation: %s; SecAgg+ %s; privacy %s", ", ".join(f"{p}{':' + t if t else ''} x{r}"
+             for p, t, r in phases), "on" if secagg_enabled(cfg) else "off", cfg.privacy.mode.value)
+    try:
+        for name, task, rounds in phases:
+            label = name if not task else f"{name}:{task}"
+            if label not in state.phases_done:
+                run_phase(grid, context, cfg, PhaseInfo(name, task, rounds,
+                          state.phase_round if state.phase == label else 0, state.global_round),
+                          state, ledger, metrics, progress)
+        release = write_release(run_dir, cfg, state, ledger, metrics.records)
+        return _finish(run_dir, Outcome(run_dir, "released", str(release)))
+    except RunPaused as exc:
+        return _finish(run_dir, Outcome(run_dir, "paused", str(exc)))
+    except BudgetExceeded as exc:
+        log.error("%s", exc)
+        return _finish(run_dir, Outcome(run_dir, "stopped", str(exc)))
+    finally:
+        progress.close()
+        metrics.close()
 
 
-def save_encoder(path: Path, ssl_state: dict[str, torch.Tensor], cfg: FedCMRConfig) -> Path:
-    """The bare ViT encoder as safetensors, with what timm needs to load it in the metadata."""
-    encoder = select_prefix(ssl_state, "encoder.")
-    bad = [k for k, v in encoder.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(f"aggregated encoder has non-finite values in {bad[:3]}")
-    preset = get_preset(cfg.model.preset)
-    return save_safetensors(path, encoder, metadata={
-        "format": "pt", "fedcmr_preset": preset.name, "timm_name": preset.timm_name,
-        "timm_kwargs": preset.timm_kwargs(), "ssl_method": cfg.ssl.method.value,
-    })
+def _finish(run_dir: Path, outcome: Outcome) -> Outcome:
+    atomic_write_text(run_dir / STATUS_FILE, json.dumps({"status": outcome.status,
+                                                         "detail": outcome.detail}, indent=1))
+    return outcome
+
+
+def phase_model(cfg: FedCMRConfig, phase: PhaseInfo, state: ServerState) -> tuple[torch.nn.Module, list[str]]:
+    """The model a phase trains, at its starting point, and its federated keys."""
+    if phase.name == PRETRAIN:
+        torch.manual_seed(cfg.seed)
+        model = build_ssl_model(cfg)
+        return model, federated_keys(model)
+    model = initial_task_model(cfg, get_task(phase.task))
+    if state.foundation:  # start from the federated foundation encoder
+        model.encoder.load_state_dict(state.foundation)
+    return model, task_keys(model, cfg)
+
+
+def build_workflow(cfg: FedCMRConfig) -> DefaultWorkflow:
+    timeout = cfg.federation.round_timeout_s
+    if secagg_enabled(cfg):
+        sa = cfg.federation.secagg
+        fit = SecAggPlusWorkflow(num_shares=sa.num_shares,
+                                 reconstruction_threshold=sa.reconstruction_threshold,
+                                 clipping_range=sa.clipping_range,
+                                 quantization_range=sa.quantization_range,
+                                 max_weight=float(sa.max_weight), timeout=sa.timeout_s)
+    else:
+        fit = timed_fit_workflow(timeout)
+    return DefaultWorkflow(fit_workflow=fit, evaluate_workflow=timed_evaluate_workflow(timeout))
+
+
+def run_phase(grid: Grid, context: Context, cfg: FedCMRConfig, phase: PhaseInfo, state: ServerState,
+              ledger: PrivacyLedger, metrics: MetricsLog, progress: RunProgress) -> None:
+    model, keys = phase_model(cfg, phase, state)
+    reference = {k: v.detach().float() for k, v in model.state_dict().items() if k in keys}
+    resuming = phase.done_before > 0
+    initial = state.phase_arrays if resuming else state_dict_to_arrays(reference, keys)
+    inner = build_aggregator(cfg, initial, weighted_mean, evaluate=bool(phase.task))
+    if resuming:
+        restore_optimizer_state(inner, state.optimizer, initial)
+
+    def on_round(global_round: int, arrays: list[np.ndarray]) -> RunPaused | None:
+        state.global_round, state.phase = global_round, phase.label
+        state.phase_round = global_round - phase.global_before + phase.done_before
+        state.phase_keys, state.phase_arrays = keys, arrays
+        state.optimizer, state.ledger_json = optimizer_state(inner), ledger.to_json()
+        save_state(Path(cfg.output.dir), state, cfg)
+        progress.advance(phase.label, state.phase_round, phase.rounds, metrics.records[-1])
+        if cfg.output.stop_after_round is not None and global_round >= cfg.output.stop_after_round:
+            return RunPaused(f"paused after round {global_round}; continue with output.resume=true")
+        return None
+
+    strategy = PhaseStrategy(cfg, phase, inner, initial, ledger, on_round, metrics.add,
+                             evaluate_each_round=True)
+    remaining = phase.rounds - phase.done_before
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
+    if remaining > 0:
+        build_workflow(cfg)(grid, legacy)
+    if strategy.halt is not None:
+        raise strategy.halt
+    final = arrays_to_state_dict(strategy.current, keys, reference)
+    model.load_state_dict({**model.state_dict(), **final})
+    _finish_phase(phase, model, state)
+    save_state(Path(cfg.output.dir), state, cfg)
+
+
+def _finish_phase(phase: PhaseInfo, model: torch.nn.Module, state: ServerState) -> None:
+    weights = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    if phase.name == PRETRAIN:
+        state.foundation = select_prefix(weights, "encoder.")
+    else:
+        state.tasks[phase.task] = {k: v for k, v in weights.items()
+                                   if k.startswith(("encoder.", "head."))}
+    state.phases_done.append(phase.label)
+    state.phase, state.phase_round = "", 0
 
 
 def build_server_app(cfg: FedCMRConfig | None = None) -> ServerApp:
@@ -115,7 +192,7 @@ def build_server_app(cfg: FedCMRConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
-        run_pretraining(grid, context, run_cfg)
+        run_federation(grid, context, run_cfg)
 
     return app
 

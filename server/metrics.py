@@ -1,17 +1,21 @@
-"""Per-round metrics on the server: per site and aggregated, as JSON and CSV in the run folder."""
+"""Per-round records on the server: per site and aggregated, as JSON, CSV and TensorBoard.
+
+Only what nodes reported (allow-listed scalars) and what the server computed appear here.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shared_model.files import atomic_write_text
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def weighted_mean(items: list[tuple[int, dict[str, float | int]]]) -> dict[str, float]:
@@ -20,7 +24,7 @@ def weighted_mean(items: list[tuple[int, dict[str, float | int]]]) -> dict[str, 
     weights: dict[str, float] = {}
     for num_examples, metrics in items:
         for key, value in metrics.items():
-            if key == "site_index":
+            if key == "site_index" or isinstance(value, (str, bytes)):
                 continue
             totals[key] = totals.get(key, 0.0) + num_examples * float(value)
             weights[key] = weights.get(key, 0.0) + num_examples
@@ -29,38 +33,69 @@ def weighted_mean(items: list[tuple[int, dict[str, float | int]]]) -> dict[str, 
 
 @dataclass
 class RoundRecord:
-    round: int
-    phase: str
-    status: str  # "aggregated", or "skipped" when too few valid replies came back
+    round: int  # global round number
+    phase: str  # "pretrain", "finetune:<task>"
+    status: str  # "aggregated" | "skipped" (too few valid replies) | "evaluated"
     seconds: float
     sites: dict[str, dict[str, float | int]]
     aggregate: dict[str, float | int | str | bool | bytes]
     excluded: dict[str, str] = field(default_factory=dict)
+    kind: str = "fit"  # "fit" | "evaluate"
 
 
 class MetricsLog:
-    """Appends one record per round and rewrites the files atomically."""
+    """Appends one record per round and rewrites the files atomically; resumes from them."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, resume: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.records: list[RoundRecord] = []
+        if resume and (self.run_dir / METRICS_JSON).is_file():
+            self.records = [RoundRecord(**r) for r in read_records(self.run_dir)]
+        self._writer = None
 
     def add(self, record: RoundRecord) -> None:
         self.records.append(record)
         self.write()
+        self._tensorboard(record)
+
+    def truncate_after(self, global_round: int) -> None:
+        """Forget records of rounds a resumed run will redo."""
+        self.records = [r for r in self.records if r.round <= global_round]
+        self.write()
 
     def write(self) -> None:
-        payload = [r.__dict__ for r in self.records]
+        payload = [asdict(r) for r in self.records]
         atomic_write_text(self.run_dir / METRICS_JSON, json.dumps(payload, indent=1))
         atomic_write_text(self.run_dir / METRICS_CSV, self._csv())
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _tensorboard(self, record: RoundRecord) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR))
+        prefix = f"{record.phase}/{record.kind}"
+        for key, value in record.aggregate.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(f"{prefix}/{key}", value, record.round)
+        for site, metrics in record.sites.items():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "site_index":
+                    self._writer.add_scalar(f"{prefix}/{site}/{key}", value, record.round)
+        self._writer.flush()
 
     def _csv(self) -> str:
         rows = []
         for r in self.records:
-            rows.append({"round": r.round, "phase": r.phase, "site": "all", "status": r.status,
+            base = {"round": r.round, "phase": r.phase, "kind": r.kind}
+            rows.append({**base, "site": "all", "status": r.status,
                          "round_seconds": round(r.seconds, 3), **r.aggregate})
             for site, metrics in sorted(r.sites.items()):
-                rows.append({"round": r.round, "phase": r.phase, "site": site, **metrics})
+                rows.append({**base, "site": site, **metrics})
         columns: list[str] = []
         for row in rows:
             columns += [c for c in row if c not in columns]

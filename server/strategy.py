@@ -1,87 +1,282 @@
-"""The server's strategy: FedAvg on the legacy path, plus the FedCMR plan and bookkeeping.
+"""One phase of the federation as a Flower strategy: plan out, validation, DP, bookkeeping in.
 
-It sends the resolved run config to every site with each fit instruction, records per-site and
-aggregated metrics every round, and keeps the latest global weights as float32 (SecAgg+ hands
-back a float64 aggregate; keeping that would double the model in memory and on the wire).
+``PhaseStrategy`` wraps the configured aggregation rule (a Flower strategy, see
+server.aggregators). Around it, per round:
+
+- ``configure_fit``: refuse to start a round that would exceed the privacy budget; send every
+  site the plan, the phase, the task, the global round and the run's schedule position (and the
+  update clipping norm under user-level DP).
+- ``aggregate_fit``: without SecAgg+, validate each reply (server.validation) and drop bad ones;
+  aggregate when at least ``min_replies`` remain (else keep the global model); add Gaussian noise
+  under user-level DP; cast back to float32 (SecAgg+ returns float64); record the ledger, the
+  metrics and a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
     FitRes,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg
+from flwr.server.strategy import FedAvg, Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.app import PLAN_KEY, ROUND_KEY
-from server.metrics import MetricsLog, RoundRecord, weighted_mean
-from shared_model.config import FedCMRConfig, config_to_yaml
+from client.protocol import (
+    PHASE_KEY,
+    PLAN_KEY,
+    ROUND_KEY,
+    SPAN_END_KEY,
+    SPAN_START_KEY,
+    TASK_KEY,
+)
+from server.aggregators import set_current
+from server.ledger import LedgerEntry, PrivacyLedger
+from server.metrics import RoundRecord
+from server.validation import UpdateBounds, update_problem
+from shared_model.config import FedCMRConfig, PrivacyMode, config_to_yaml, secagg_enabled
 
 log = logging.getLogger(__name__)
 
-
-def as_float32(arrays: list[np.ndarray]) -> list[np.ndarray]:
-    return [a.astype(np.float32, copy=False) if a.dtype != np.float32 else a for a in arrays]
+ALL_SITES = "all-sites"  # ledger key of the user-level history every site shares
 
 
-class PretrainStrategy(FedAvg):
-    """FedAvg of encoder + SSL head updates, one record per round in ``metrics``."""
+class BudgetExceeded(RuntimeError):
+    """The next round (or the release) would take a site past the privacy budget."""
 
-    def __init__(self, cfg: FedCMRConfig, initial: list[np.ndarray], metrics: MetricsLog) -> None:
-        fed = cfg.federation
-        super().__init__(
-            fraction_fit=fed.fraction_fit,
-            fraction_evaluate=0.0,
-            min_fit_clients=fed.min_sites,
-            min_evaluate_clients=fed.min_sites,
-            min_available_clients=fed.min_sites,
-            on_fit_config_fn=self.fit_config,
-            initial_parameters=ndarrays_to_parameters(initial),
-            fit_metrics_aggregation_fn=weighted_mean,
-            accept_failures=True,
-        )
+
+class RunPaused(RuntimeError):
+    """The run stopped after ``output.stop_after_round``; the checkpoint is written."""
+
+
+@dataclass(frozen=True)
+class PhaseInfo:
+    """Where a phase sits in the run: its name, task, length, and what came before it."""
+
+    name: str  # "pretrain" or "finetune"
+    task: str  # "" for pretraining
+    rounds: int  # rounds in this phase
+    done_before: int  # rounds of this phase completed before this run of it (resume)
+    global_before: int  # global rounds completed before this run of the phase
+
+    @property
+    def label(self) -> str:
+        return self.name if not self.task else f"{self.name}:{self.task}"
+
+
+def site_name(proxy: ClientProxy, metrics: dict[str, Scalar]) -> str:
+    return f"site-{metrics['site_index']}" if "site_index" in metrics else f"node-{proxy.node_id}"
+
+
+class PhaseStrategy(Strategy):
+    """See the module docstring.
+
+    ``on_round(global round, global arrays)`` runs after every round (checkpointing); it returns
+    a :class:`RunPaused` to stop the phase. A stopped phase (paused, or out of privacy budget)
+    keeps the workflow running but sends no more instructions; ``halt`` then says why, and the
+    caller raises it once Flower's workflow has returned cleanly.
+    """
+
+    def __init__(self, cfg: FedCMRConfig, phase: PhaseInfo, inner: FedAvg, initial: list[np.ndarray],
+                 ledger: PrivacyLedger, on_round: Callable[[int, list[np.ndarray]], RunPaused | None],
+                 on_record: Callable[[RoundRecord], None], evaluate_each_round: bool) -> None:
+        self.cfg = cfg
+        self.phase = phase
+        self.inner = inner
+        self.current = initial
+        self.ledger = ledger
+        self.on_round = on_round
+        self.on_record = on_record
+        self.evaluate_each_round = evaluate_each_round
+        self.secure = secagg_enabled(cfg)
         self.plan_yaml = config_to_yaml(cfg)
-        self.metrics = metrics
-        self.latest: list[np.ndarray] = initial
-        self._round_started = time.perf_counter()
+        self.bounds = UpdateBounds(cfg.federation.max_update_norm, cfg.federation.min_examples,
+                                   cfg.federation.max_examples)
+        self.noise_rng = np.random.default_rng(secrets.randbits(128))  # never predictable
+        self.halt: RuntimeError | None = None
+        self._started = time.perf_counter()
 
-    def fit_config(self, server_round: int) -> dict[str, Scalar]:
-        self._round_started = time.perf_counter()
-        return {PLAN_KEY: self.plan_yaml, ROUND_KEY: server_round}
+    # ------------------------------------------------------------------ round numbering
+
+    def _phase_round(self, server_round: int) -> int:
+        return self.phase.done_before + server_round
+
+    def _global_round(self, server_round: int) -> int:
+        return self.phase.global_before + server_round
+
+    # ------------------------------------------------------------------ Strategy API
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters(self.current)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        if self.halt is None:
+            self.halt = self._budget_problem(server_round)
+        if self.halt is not None:
+            return []
+        self._started = time.perf_counter()
+        instructions = self.inner.configure_fit(self._phase_round(server_round), parameters, client_manager)
+        extra = self._round_config(server_round)
+        if self.cfg.privacy.mode == PrivacyMode.user:
+            extra[KEY_CLIPPING_NORM] = float(self.cfg.privacy.update_clip_norm)
+        for _, ins in instructions:
+            ins.config.update(extra)
+        return instructions
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
-        if len(results) < self.min_fit_clients:
-            log.warning("round %d: %d replies (%d failures), fewer than min_sites=%d; "
-                        "global model unchanged", server_round, len(results), len(failures),
-                        self.min_fit_clients)
-            self._record(server_round, results, failures, {}, "skipped")
-            return None, {}
-        parameters, aggregate = super().aggregate_fit(server_round, results, failures)
-        if parameters is None:
-            return None, {}
-        self.latest = as_float32(parameters_to_ndarrays(parameters))
-        self._record(server_round, results, failures, aggregate, "aggregated")
-        return ndarrays_to_parameters(self.latest), aggregate
+        excluded = {f"failure-{i}": _describe(f) for i, f in enumerate(failures)}
+        valid = results if self.secure else self._validated(results, excluded)
+        if self.cfg.privacy.mode == PrivacyMode.user:
+            for _, res in valid:
+                res.num_examples = 1  # uniform weights: the noise is calibrated to them
+        needed = max(self.cfg.federation.min_replies,
+                     self.cfg.federation.secagg.reconstruction_threshold if self.secure else 0)
+        if len(valid) < needed:
+            log.warning("round %d: %d valid replies, fewer than %d; global model unchanged",
+                        self._global_round(server_round), len(valid), needed)
+            return self._skip(server_round, valid, excluded)
+        params, aggregate = self.inner.aggregate_fit(self._phase_round(server_round), valid, [])
+        if params is None:
+            return self._skip(server_round, valid, excluded)
+        arrays = [a.astype(np.float32, copy=False) for a in parameters_to_ndarrays(params)]
+        if self.cfg.privacy.mode == PrivacyMode.user:
+            arrays = self._add_noise(arrays, len(valid))
+            set_current(self.inner, arrays)
+        self._account(server_round, valid)
+        self.current = arrays
+        self._record(server_round, valid, excluded, dict(aggregate), "aggregated")
+        self.halt = self.on_round(self._global_round(server_round), arrays)
+        return ndarrays_to_parameters(arrays), aggregate
 
-    def _record(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                failures: list, aggregate: dict[str, Scalar], status: str) -> None:
-        sites = {}
+    def _skip(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]],
+              excluded: dict[str, str]) -> tuple[None, dict[str, Scalar]]:
+        self._record(server_round, valid, excluded, {}, "skipped")
+        self.halt = self.on_round(self._global_round(server_round), self.current)
+        return None, {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        last = self._phase_round(server_round) == self.phase.rounds
+        if self.halt is not None or not self.phase.task or not (self.evaluate_each_round or last):
+            return []
+        instructions = self.inner.configure_evaluate(self._phase_round(server_round), parameters,
+                                                     client_manager)
+        for _, ins in instructions:
+            ins.config.update(self._round_config(server_round))
+        return instructions
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list) -> tuple[float | None, dict[str, Scalar]]:
+        loss, aggregate = self.inner.aggregate_evaluate(self._phase_round(server_round), results, failures)
+        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, "loss": r.loss, **r.metrics}
+                 for p, r in results}
+        self.on_record(RoundRecord(
+            round=self._global_round(server_round), phase=self.phase.label, status="evaluated",
+            seconds=0.0, sites=sites, aggregate={**dict(aggregate), **({"loss": loss} if loss is not None else {})},
+            excluded={f"failure-{i}": _describe(f) for i, f in enumerate(failures)}, kind="evaluate"))
+        return loss, aggregate
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+    # ------------------------------------------------------------------ pieces
+
+    def _round_config(self, server_round: int) -> dict[str, Scalar]:
+        done = self._phase_round(server_round) - 1
+        return {PLAN_KEY: self.plan_yaml, PHASE_KEY: self.phase.name, TASK_KEY: self.phase.task,
+                ROUND_KEY: self._global_round(server_round),
+                SPAN_START_KEY: done / self.phase.rounds, SPAN_END_KEY: (done + 1) / self.phase.rounds}
+
+    def _validated(self, results: list[tuple[ClientProxy, FitRes]],
+                   excluded: dict[str, str]) -> list[tuple[ClientProxy, FitRes]]:
+        valid = []
         for proxy, res in results:
-            metrics = dict(res.metrics)
-            name = f"site-{metrics['site_index']}" if "site_index" in metrics else f"node-{proxy.cid}"
-            sites[name] = {"num_examples": res.num_examples, **metrics}
-        self.metrics.add(RoundRecord(
-            round=server_round, phase="pretrain", status=status,
-            seconds=time.perf_counter() - self._round_started, sites=sites,
-            aggregate=aggregate,
-            excluded={f"failure-{i}": type(f).__name__ for i, f in enumerate(failures)},
-        ))
+            problem = update_problem(parameters_to_ndarrays(res.parameters), res.num_examples,
+                                     self.current, self.bounds)
+            if problem is None:
+                valid.append((proxy, res))
+            else:
+                name = site_name(proxy, res.metrics)
+                log.warning("excluding the update of %s: %s", name, problem)
+                excluded[name] = problem
+        return valid
+
+    def _add_noise(self, arrays: list[np.ndarray], num_sites: int) -> list[np.ndarray]:
+        """Gaussian mechanism on the mean of clipped updates: std = sigma * C / n."""
+        std = self.cfg.privacy.noise_multiplier * self.cfg.privacy.update_clip_norm / num_sites
+        return [(a + self.noise_rng.normal(0.0, std, a.shape)).astype(np.float32) for a in arrays]
+
+    def _planned_entries(self, server_round: int) -> dict[str, list[LedgerEntry]]:
+        g = self._global_round(server_round)
+        p = self.cfg.privacy
+        if p.mode == PrivacyMode.user:
+            return {ALL_SITES: [LedgerEntry(g, self.phase.label, "user", p.noise_multiplier,
+                                            self.cfg.federation.fraction_fit, 1)]}
+        if p.mode == PrivacyMode.sample:  # assume each known site repeats its last round
+            planned = {}
+            for site, entries in self.ledger.entries.items():
+                last = [e for e in entries if e.mechanism == "sample"][-1:]
+                if last:
+                    planned[site] = [LedgerEntry(g, self.phase.label, "sample", p.noise_multiplier,
+                                                 last[0].sample_rate, last[0].steps)]
+            return planned
+        return {}
+
+    def _budget_problem(self, server_round: int) -> BudgetExceeded | None:
+        budget = self.cfg.privacy.epsilon_budget
+        if budget is None or self.cfg.privacy.mode == PrivacyMode.none:
+            return None
+        over = self.ledger.first_site_over(budget, self._planned_entries(server_round))
+        if over is None:
+            return None
+        site, mechanism, eps = over
+        return BudgetExceeded(
+                f"round {self._global_round(server_round)} ({self.phase.label}) would take {site} "
+            f"to {mechanism}-level epsilon={eps:.3g} > privacy.epsilon_budget={budget:g}; "
+            "the run stops here and nothing is released")
+
+    def _account(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]]) -> None:
+        g = self._global_round(server_round)
+        p = self.cfg.privacy
+        if p.mode == PrivacyMode.user:
+            for site, entries in self._planned_entries(server_round).items():
+                for entry in entries:
+                    self.ledger.record(site, entry)
+        elif p.mode == PrivacyMode.sample:
+            for proxy, res in valid:
+                if "dp_steps" in res.metrics:
+                    self.ledger.record(site_name(proxy, res.metrics), LedgerEntry(
+                        g, self.phase.label, "sample", p.noise_multiplier,
+                        float(res.metrics["dp_sample_rate"]), int(res.metrics["dp_steps"])))
+
+    def _record(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]],
+                excluded: dict[str, str], aggregate: dict[str, Scalar], status: str) -> None:
+        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, **r.metrics} for p, r in valid}
+        self.on_record(RoundRecord(
+            round=self._global_round(server_round), phase=self.phase.label, status=status,
+            seconds=time.perf_counter() - self._started, sites=sites, aggregate=aggregate,
+            excluded=excluded, kind="fit"))
+
+
+def _describe(failure: object) -> str:
+    if isinstance(failure, BaseException):
+        return f"{type(failure).__name__}: {str(failure)[:200]}"
+    if isinstance(failure, tuple) and len(failure) == 2:
+        return f"status {getattr(failure[1], 'status', '?')}"
+    return type(failure).__name__

@@ -18,11 +18,16 @@ console = Console(stderr=True)
 def user_errors() -> Iterator[None]:
     """Turn errors a user can fix into one clear line and exit status 2 (no traceback)."""
     from client.store import StoreError
+    from server.state import ResumeError
+    from shared_model.bundle import BundleError
+    from shared_model.checkpoint import CheckpointError
+    from shared_model.privacy import PrivacyError
     from shared_model.weights import WeightsError
 
     try:
         yield
-    except (ConfigError, StoreError, WeightsError, FileNotFoundError) as exc:
+    except (ConfigError, StoreError, WeightsError, BundleError, CheckpointError, ResumeError,
+            PrivacyError, FileNotFoundError) as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)
 

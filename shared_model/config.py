@@ -34,23 +34,44 @@ class SSLMethod(str, Enum):
 
 
 class Aggregator(str, Enum):
-    """Server-side aggregation rules."""
+    """Server-side aggregation rules (Flower strategies)."""
 
     fedavg = "fedavg"
+    fedprox = "fedprox"  # FedAvg + a proximal term in each site's local loss
+    fedadam = "fedadam"  # server-side Adam on the averaged update
+    fedavgm = "fedavgm"  # server-side momentum
+    trimmed_mean = "trimmed_mean"  # robust: needs individual updates (no SecAgg+)
+    median = "median"  # robust: needs individual updates (no SecAgg+)
+    krum = "krum"  # robust: needs individual updates (no SecAgg+)
+
+
+ROBUST_AGGREGATORS = (Aggregator.trimmed_mean, Aggregator.median, Aggregator.krum)
+
+
+class HeadSharing(str, Enum):
+    """Whether task heads are averaged by the server or stay at each site (personalisation)."""
+
+    aggregated = "aggregated"
+    local = "local"
+
+
+# Note: no enum value may be a YAML 1.1 boolean word (on/off/yes/no): `key=off` would arrive
+# as False.
 
 
 class SecAggMode(str, Enum):
     """Whether Flower's SecAgg+ masks the encoder updates."""
 
-    auto = "auto"  # on whenever at least 3 sites take part
-    on = "on"
-    off = "off"
+    auto = "auto"  # used whenever at least 3 sites take part
+    always = "always"
+    never = "never"
 
 
 class PrivacyMode(str, Enum):
     """Differential privacy regime."""
 
-    off = "off"
+    none = "none"
+    user = "user"  # site-level: clip each site's update, Gaussian noise on the aggregate
     sample = "sample"  # DP-SGD at each node (Opacus): protects each image of a site
 
 
@@ -144,6 +165,8 @@ class TasksConfig:
     weight_decay: float = 0.01
     frozen_fraction: float = 0.3  # share of steps with a frozen encoder (frozen_then_unfrozen)
     augment: bool = True
+    label_budget: int = 0  # labelled subjects per site used for training (0: all)
+    test_fraction: float = 0.3  # subjects per site held out for evaluation
 
 
 @dataclass
@@ -155,6 +178,10 @@ class SecAggConfig:
     reconstruction_threshold: int = 2
     clipping_range: float = 8.0  # every weight must lie in [-range, range]
     quantization_range: int = 4194304
+    # Example weights are capped at this under SecAgg+ (a site with more images counts as
+    # this many). Quantisation error per weight ~ sites * 2 * clipping_range /
+    # quantization_range * max_weight / (sum of the sites' weights).
+    max_weight: int = 1000
     timeout_s: float = 300.0
 
 
@@ -162,13 +189,29 @@ class SecAggConfig:
 class FederationConfig:
     """Rounds, participation and aggregation on the server."""
 
-    rounds: int = 2
+    rounds: int = 2  # pretraining rounds
+    finetune_rounds: int = 0  # federated fine-tuning rounds per task in tasks.names
     # A round needs replies from at least this many sites. None: every simulated site
     # (fedcmr-sim fills it in); a deployment must set it.
     min_sites: Optional[int] = None
     fraction_fit: float = 1.0
+    # A round's aggregate needs at least this many valid replies (else the global model stays);
+    # with SecAgg+ also at least the reconstruction threshold.
+    min_replies: int = 2
     aggregator: Aggregator = Aggregator.fedavg
+    proximal_mu: float = 0.01  # fedprox
+    server_lr: float = 1.0  # fedavgm
+    server_momentum: float = 0.9  # fedavgm
+    adam_lr: float = 1.0e-3  # fedadam (eta)
+    trim_fraction: float = 0.2  # trimmed_mean: share cut at each end
+    krum_byzantine: int = 1  # krum: sites assumed faulty
+    heads: HeadSharing = HeadSharing.aggregated
     round_timeout_s: float = 600.0
+    # Update validation (without SecAgg+): a site's update is excluded when the L2 norm of
+    # (its weights - the global weights) exceeds this, or its example count is out of range.
+    max_update_norm: float = 100.0
+    min_examples: int = 1
+    max_examples: int = 10_000_000
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
@@ -176,11 +219,15 @@ class FederationConfig:
 class PrivacyConfig:
     """Differential privacy and its budget."""
 
-    mode: PrivacyMode = PrivacyMode.off
-    noise_multiplier: float = 1.0  # Gaussian noise std / clipping norm
+    mode: PrivacyMode = PrivacyMode.none
+    noise_multiplier: float = 1.0  # Gaussian noise std / clipping norm (both modes)
     max_grad_norm: float = 1.0  # per-sample gradient clipping norm (sample-level DP)
+    update_clip_norm: float = 1.0  # L2 clip of each site's update (user-level DP)
     delta: float = 1.0e-5
     accountant: str = "prv"  # prv | rdp (Opacus accountants)
+    # Stop before any round (or the release) that would take a site past this epsilon.
+    # None: no budget (epsilon is still accounted and reported).
+    epsilon_budget: Optional[float] = None
 
 
 @dataclass
@@ -194,9 +241,13 @@ class SimConfig:
 
 @dataclass
 class OutputConfig:
-    """Where a run writes its config, weights and metrics."""
+    """Where a run writes its config, weights and metrics, and how it starts and stops."""
 
     dir: str = "runs/latest"
+    resume: bool = False  # continue from dir's checkpoint at the next round
+    # Pause the run after this global round (e.g. a maintenance window); continue it later
+    # with resume=true. None: run to the end.
+    stop_after_round: Optional[int] = None
 
 
 @dataclass
@@ -313,6 +364,12 @@ def save_resolved_config(cfg: FedCMRConfig, run_dir: str | Path) -> Path:
     return path
 
 
+def secagg_enabled(cfg: FedCMRConfig) -> bool:
+    """SecAgg+ is on by default whenever a round needs at least 3 sites."""
+    mode = cfg.federation.secagg.mode
+    return mode == SecAggMode.always or (mode == SecAggMode.auto and (cfg.federation.min_sites or 0) >= 3)
+
+
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"key '{key}': {message}")
@@ -361,6 +418,24 @@ def validate_config(cfg: FedCMRConfig) -> None:
     _require(cfg.privacy.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
     _require(cfg.privacy.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
     _require(0 < cfg.privacy.delta < 1, "privacy.delta", "must lie in (0, 1)")
+    _require(cfg.privacy.update_clip_norm > 0, "privacy.update_clip_norm", "must be > 0")
+    _require(cfg.privacy.epsilon_budget is None or cfg.privacy.epsilon_budget > 0,
+             "privacy.epsilon_budget", "must be > 0 (or null for no budget)")
+    fed = cfg.federation
+    _require(not (secagg_enabled(cfg) and fed.aggregator in ROBUST_AGGREGATORS),
+             "federation.aggregator",
+             f"{fed.aggregator.value} needs each site's update, which SecAgg+ hides from the "
+             "server; use fedavg/fedprox/fedadam/fedavgm, or federation.secagg.mode=never")
+    _require(0 < cfg.tasks.test_fraction < 1, "tasks.test_fraction", "must lie in (0, 1)")
+    _require(cfg.tasks.label_budget >= 0, "tasks.label_budget", "must be >= 0")
+    _require(fed.finetune_rounds >= 0, "federation.finetune_rounds", "must be >= 0")
+    _require(fed.min_replies >= 1, "federation.min_replies", "must be >= 1")
+    _require(fed.min_sites is None or fed.min_replies <= fed.min_sites, "federation.min_replies",
+             "must not exceed federation.min_sites")
+    _require(0 <= fed.trim_fraction < 0.5, "federation.trim_fraction", "must lie in [0, 0.5)")
+    _require(fed.max_update_norm > 0, "federation.max_update_norm", "must be > 0")
+    _require(1 <= fed.min_examples <= fed.max_examples, "federation.min_examples",
+             "must satisfy 1 <= min_examples <= max_examples")
     device = cfg.device
     _require(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "device",
              f"'{device}' is not one of auto, cpu, cuda, cuda:N")

@@ -29,6 +29,7 @@ from shared_model.train import (
     CheckpointPolicy,
     LoaderBatches,
     LocalResult,
+    ProximalTerm,
     Span,
     TensorBatches,
     is_no_decay,
@@ -93,7 +94,7 @@ class FinetuneResult:
 def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: TasksConfig, *,
              gen: torch.Generator, device: torch.device, span: Span = Span(),
              dp: DPSettings | None = None, dp_history: list[list[float]] | None = None,
-             checkpoint: CheckpointPolicy | None = None) -> FinetuneResult:
+             checkpoint: CheckpointPolicy | None = None, proximal_mu: float = 0.0) -> FinetuneResult:
     """Train ``model`` (an encoder + head from shared_model.tasks.models) on ``data``."""
     if len(data) == 0:
         raise ValueError(f"no labelled samples for task '{task.name}'")
@@ -121,12 +122,15 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
                                                    settings.layer_decay), lr=settings.lr)
         set_encoder_trainable(model, False)
 
+    prox = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+
     def step_fn(batch: tuple[torch.Tensor, ...], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch[0], batch[1]
         if settings.augment:
             inputs, targets = augment_batch(task, inputs, targets, gen)
         valid = batch[2] if len(batch) > 2 else None
-        return task_loss(task, train_model(inputs), targets, valid), {}
+        loss = task_loss(task, train_model(inputs), targets, valid)
+        return (loss + prox() if prox else loss), {}
 
     def before_step(step: int) -> None:
         if mode == FinetuneMode.frozen_then_unfrozen:
@@ -159,13 +163,28 @@ def predict_all(model: torch.nn.Module, task: Task, inputs: torch.Tensor, device
     return torch.cat(out) if out else torch.empty(0)
 
 
+@torch.no_grad()
+def _predict_with_loss(model: torch.nn.Module, task: Task, data: TaskData, device: torch.device,
+                       batch_size: int) -> tuple[torch.Tensor, float]:
+    model.eval()
+    model.to(device)
+    outputs, total = [], 0.0
+    for i in range(0, len(data), batch_size):
+        batch = data.subset(range(i, min(i + batch_size, len(data))))
+        raw = model(batch.inputs.to(device)).cpu()
+        total += float(task_loss(task, raw, batch.targets, batch.valid)) * len(batch)
+        outputs.append(predict(task, raw))
+    return torch.cat(outputs), total / len(data)
+
+
 def evaluate(model: torch.nn.Module, task: Task, data: TaskData, device: torch.device,
              batch_size: int = 32) -> dict[str, float]:
     """The task's metrics on ``data`` (NaN where a metric is undefined, e.g. no samples)."""
     if len(data) == 0:
         return {"samples": 0.0}
-    predictions = predict_all(model, task, data.inputs, device, batch_size)
+    predictions, loss = _predict_with_loss(model, task, data, device, batch_size)
     metrics = task_metrics(task, predictions, data.targets, data.valid, data.spacing_mm)
     metrics["samples"] = float(len(data))
+    metrics["loss"] = loss
     return {k: (float(v) if not (isinstance(v, float) and math.isnan(v)) else math.nan)
             for k, v in metrics.items()}

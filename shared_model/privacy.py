@@ -9,14 +9,31 @@ after a resume equals epsilon of an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 
+from typing import Any
+
+import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
 
 from shared_model.weights import strip_opacus
+
+
+
+def _opacus():  # noqa: ANN202
+    """Import Opacus without its side effect: it calls logging.basicConfig at import, which
+    would print every library's debug records through a new root handler."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import opacus
+    import opacus.validators  # noqa: F401
+
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+    return opacus
 
 
 class PrivacyError(ValueError):
@@ -38,7 +55,7 @@ class PrivateTraining:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     loader: torch.utils.data.DataLoader
-    engine: PrivacyEngine
+    engine: Any  # opacus.PrivacyEngine
     settings: DPSettings
     history: list = field(default_factory=list)
 
@@ -61,7 +78,7 @@ class PrivateTraining:
 
 def check_dp_compatible(model: torch.nn.Module) -> None:
     """Opacus' strict validation (e.g. no BatchNorm); a clear error instead of a silent fix."""
-    errors = ModuleValidator.validate(model, strict=False)
+    errors = _opacus().validators.ModuleValidator.validate(model, strict=False)
     if errors:
         raise PrivacyError(f"the model cannot train under DP-SGD: {errors[:3]}")
 
@@ -73,7 +90,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     check_dp_compatible(model)
     if len(dataset) < 2:
         raise PrivacyError("DP-SGD needs at least 2 training samples")
-    engine = PrivacyEngine(accountant=settings.accountant)
+    engine = _opacus().PrivacyEngine(accountant=settings.accountant)
     if history:
         engine.accountant.history = [(float(n), float(q), int(s)) for n, q, s in history]
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)),
@@ -91,6 +108,7 @@ def epsilon_for(history: list[list[float]], delta: float, accountant: str = "prv
     """Epsilon of a stored accountant history (for ledgers and reports)."""
     if not history:
         return 0.0
-    engine = PrivacyEngine(accountant=accountant)
+    engine = _opacus().PrivacyEngine(accountant=accountant)
     engine.accountant.history = [(float(n), float(q), int(s)) for n, q, s in history]
-    return float(engine.accountant.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore", invalid="ignore"):  # PRV's log(1 - q) at q = 1
+        return float(engine.accountant.get_epsilon(delta=delta))

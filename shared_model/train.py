@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from shared_model.checkpoint import CheckpointError, LoopState, load_loop_state, save_loop_state
+from shared_model.privacy import PrivateTraining
 from shared_model.ssl.base import SSLModel
 
 
@@ -246,27 +247,49 @@ def _save(policy: CheckpointPolicy, step: int, model: torch.nn.Module,
         dp_history=dp_history() if dp_history else [], fingerprint=policy.fingerprint))
 
 
+class ProximalTerm:
+    """FedProx: ``mu / 2 * ||w - w_global||^2`` over the trainable weights at session start."""
+
+    def __init__(self, model: torch.nn.Module, mu: float) -> None:
+        self.mu = mu
+        self.reference = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.params = {n: p for n, p in model.named_parameters() if n in self.reference}
+
+    def __call__(self) -> torch.Tensor:
+        total = sum(((p - self.reference[n]) ** 2).sum() for n, p in self.params.items())
+        return 0.5 * self.mu * total  # type: ignore[return-value]
+
+
 def pretrain_local(model: SSLModel, images: torch.Tensor, *, steps: int, batch_size: int,
                    optimizer: torch.optim.Optimizer, gen: torch.Generator,
                    device: torch.device, base_lr: float, span: Span = Span(),
-                   accumulate: int = 1, checkpoint: CheckpointPolicy | None = None) -> LocalResult:
+                   accumulate: int = 1, checkpoint: CheckpointPolicy | None = None,
+                   proximal_mu: float = 0.0, private: PrivateTraining | None = None) -> LocalResult:
     """``steps`` optimiser steps of the model's self-supervised objective on ``images``.
 
     ``images`` is a (N, 1, H, W) float tensor at the encoder's input size; it stays on the CPU
     and batches move to ``device`` as they are drawn. The learning rate follows
-    :func:`learning_rate` over the whole run, of which this session covers ``span``.
+    :func:`learning_rate` over the whole run, of which this session covers ``span``. With
+    ``private`` (from shared_model.privacy.make_private over ``model`` and ``images``), batches
+    are Poisson-sampled and gradients clipped and noised per image.
     """
     model.train()
+    prox = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+    trained = private.model if private else model
 
     def step_fn(batch: tuple[torch.Tensor, ...], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         model.set_progress(progress)
-        return model.training_step(batch[0], gen)
+        loss, stats = trained.training_step(batch[0], gen)
+        return (loss + prox() if prox else loss), stats
 
-    return run_steps(model, TensorBatches([images], batch_size, gen), step_fn,  # type: ignore[arg-type]
-                     optimizer=optimizer, steps=steps, base_lr=base_lr, device=device, gen=gen,
-                     span=span, accumulate=accumulate,
+    batches = LoaderBatches(private.loader) if private else TensorBatches([images], batch_size, gen)
+    return run_steps(trained, batches, step_fn,  # type: ignore[arg-type]
+                     optimizer=private.optimizer if private else optimizer, steps=steps,
+                     base_lr=base_lr, device=device, gen=gen, span=span,
+                     accumulate=1 if private else accumulate,
                      after_step=lambda step, progress: model.after_optimizer_step(),
-                     checkpoint=checkpoint)
+                     checkpoint=checkpoint,
+                     dp_history=private.accountant_state if private else None)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -20,41 +20,46 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(
     help="Config overrides as key=value, e.g. federation.rounds=3 sim.sites=3")]
 
 
-def _run_scenario(preset: str | Path, out: Path, overrides: list[str] | None) -> None:
-    from server.app import ENCODER_FILE
-    from server.metrics import METRICS_CSV, METRICS_JSON, read_records
-    from shared_model.config import RESOLVED_CONFIG_NAME, save_resolved_config
+def _run_scenario(preset: str | Path, out: Path, overrides: list[str] | None,
+                  resume: bool = False) -> None:
+    from server.metrics import METRICS_CSV, METRICS_JSON
+    from shared_model.config import RESOLVED_CONFIG_NAME
     from sim.runner import run_federation
     from sim.sites import site_spec, write_site_frames
 
-    cfg = load_cli_config(preset, overrides, out=out)
+    cfg = load_cli_config(preset, [*(overrides or []), *(["output.resume=true"] if resume else [])],
+                          out=out)
     if cfg.federation.min_sites is None:
         cfg.federation.min_sites = cfg.sim.sites
     elif cfg.federation.min_sites > cfg.sim.sites:
         raise ConfigError(f"key 'federation.min_sites': {cfg.federation.min_sites} is more "
                           f"than the {cfg.sim.sites} simulated sites (sim.sites)")
     out.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, out)
     start = time.perf_counter()
     sites_root = out / "sites"
-    with console.status(f"writing {cfg.sim.sites} simulated sites"):
+    with console.status(f"preparing {cfg.sim.sites} simulated sites"):
         for index in range(cfg.sim.sites):
             spec = site_spec(index, cfg.data.spacing_mm, cfg.data.crop_px)
             write_site_frames(sites_root / f"site-{index}" / "store", spec,
                               cfg.sim.images_per_site, cfg.seed)
-    console.print(f"sites ready in {time.perf_counter() - start:.1f} s; "
-                  f"federating {cfg.federation.rounds} rounds on Flower's simulation engine")
-    run_federation(cfg, sites_root)
-    records = read_records(out)
-    aggregated = sum(r["status"] == "aggregated" for r in records)
-    if aggregated < cfg.federation.rounds:
-        console.print(f"[bold red]error:[/] only {aggregated} of {cfg.federation.rounds} rounds "
-                      f"aggregated; see the log above and {out / METRICS_JSON}")
-        raise typer.Exit(1)
-    console.print(f"FedCMR simulation finished in {time.perf_counter() - start:.0f} s; outputs:")
-    for name, file in (("resolved config", RESOLVED_CONFIG_NAME), ("encoder", ENCODER_FILE),
-                       ("per-round metrics", METRICS_JSON), ("per-round metrics, CSV", METRICS_CSV)):
-        console.print(f"  {name:24s} {out / file}", soft_wrap=True, highlight=False)
+    console.print(f"sites ready in {time.perf_counter() - start:.1f} s; federating on Flower's "
+                  "simulation engine")
+    status = run_federation(cfg, sites_root)
+    elapsed = time.perf_counter() - start
+    if status["status"] != "released":
+        console.print(f"FedCMR simulation {status['status']} after {elapsed:.0f} s: "
+                      f"{status['detail']}", soft_wrap=True, highlight=False)
+        if status["status"] == "stopped":
+            raise typer.Exit(1)
+        return
+    console.print(f"FedCMR simulation finished in {elapsed:.0f} s; outputs:")
+    for name, path in (("resolved config", out / RESOLVED_CONFIG_NAME),
+                       ("release (encoder, tasks, model card)", Path(status["detail"])),
+                       ("per-round metrics", out / METRICS_JSON),
+                       ("per-round metrics, CSV", out / METRICS_CSV),
+                       ("TensorBoard", out / "tensorboard")):
+        console.print(f"  {name:38s} {path}", soft_wrap=True, highlight=False)
+
 
 @app.command()
 def demo(out: Annotated[Path, typer.Option("--out", help="Run folder to write into")] = Path("runs/demo"),
@@ -67,10 +72,12 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Run folder to write in
 @app.command()
 def run(config: Annotated[str, typer.Argument(help="Preset name from configs/ or a YAML path")],
         out: Annotated[Path, typer.Option("--out", help="Run folder to write into")],
-        overrides: Overrides = None) -> None:
+        overrides: Overrides = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from "
+                                             "its checkpoint at the next round")] = False) -> None:
     """Run the scenario described by CONFIG."""
     with user_errors():
-        _run_scenario(config, out, overrides)
+        _run_scenario(config, out, overrides, resume)
 
 
 @app.command("config")
@@ -79,6 +86,73 @@ def show_config(config: Annotated[str, typer.Argument(help="Preset name or YAML 
     """Print the resolved config (preset + overrides), or the error that stops it."""
     with user_errors():
         print_config(load_cli_config(config, overrides))
+
+
+@app.command()
+def cohort(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the cohort into (DICOM "
+                                      "export and labels per site, cohort.json)")],
+    sites: Annotated[int, typer.Option("--sites", min=1, help="Number of hospital sites")] = 4,
+    subjects_per_site: Annotated[int, typer.Option(
+        "--subjects-per-site", min=1,
+        help="Mean subjects per site: sites differ in size, each has at least one, the cohort "
+             "holds sites x this")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed writes the same "
+                                      "cohort byte for byte")] = 0,
+    phases: Annotated[Optional[int], typer.Option(
+        "--phases", min=2, help="Cine phases for every site (default: each site's own, 20-30)")
+    ] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1,
+        help="Processes rendering subjects in parallel (output does not depend on it)")] = 2,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite",
+        help="Replace a cohort already in --out (its cohort.json and site-* folders only)")
+    ] = False,
+) -> None:
+    """Write a synthetic multi-site cardiac MR cohort as DICOM, with labels beside the images.
+
+    Per site: a PACS-like DICOM export (sites differ in vendor, field strength, resolution and
+    disease mix; headers carry planted PHI) and labels (NIfTI masks, landmark/class CSVs).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from shared_model.cli_common import console as error_console
+    from sim.cohort import CohortError, plan_jobs, write_cohort
+    from sim.study import StudyOptions
+
+    with user_errors():
+        start = time.perf_counter()
+        options = StudyOptions(cine_phases=phases)
+        total = len(plan_jobs(out, sites, subjects_per_site, seed, options))
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("subjects"), TimeElapsedColumn())
+        frames = 0
+        with Progress(*columns, console=console, auto_refresh=False) as progress:
+            task = progress.add_task(f"writing {sites} sites", total=total)
+
+            def done(result) -> None:
+                nonlocal frames
+                frames += result.frames
+                progress.advance(task)
+                progress.refresh()  # no refresh thread: worker processes are forked
+
+            try:
+                summary = write_cohort(out, sites, subjects_per_site, seed, options,
+                                       workers=workers, overwrite=overwrite, on_subject=done)
+            except CohortError as exc:
+                progress.stop()
+                error_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True,
+                                    highlight=False)
+                raise typer.Exit(2) from None
+        elapsed = time.perf_counter() - start
+        console.print(f"cohort of {total} subjects ({frames} frames) written to {out} in "
+                      f"{elapsed:.1f} s", soft_wrap=True, highlight=False)
+        for site in summary["sites"]:
+            console.print(f"  {site['name']}: {site['vendor']} {site['field_strength_t']} T, "
+                          f"{site['pixel_spacing_mm']} mm, {site['subjects']} subjects "
+                          f"{ {k: v for k, v in site['diseases'].items() if v} }",
+                          soft_wrap=True, highlight=False)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ hospital runs; the ServerApp is the consortium's. Only the engine differs from a
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -74,12 +75,16 @@ def _environment(run_dir: Path, ray_dir: Path) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def run_federation(cfg: FedCMRConfig, sites_root: Path) -> None:
-    """Pretrain across ``cfg.sim.sites`` simulated nodes whose stores live under ``sites_root``."""
+def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None = None) -> dict:
+    """Federate ``cfg.sim.sites`` simulated nodes whose stores live under ``sites_root``.
+
+    Returns the run's status (``status.json``: released, paused or stopped, and why).
+    ``extra_mods`` are added to every node's ClientApp (fault injection in tests).
+    """
     from flwr.simulation import run_simulation
 
     from client.app import NodeSettings, build_client_app
-    from server.app import build_server_app
+    from server.app import STATUS_FILE, build_server_app
 
     def settings_for(context) -> NodeSettings:  # noqa: ANN001 - flwr Context
         index = int(context.node_config["partition-id"])
@@ -95,10 +100,14 @@ def run_federation(cfg: FedCMRConfig, sites_root: Path) -> None:
     with flower_environment(run_dir):
         try:
             run_simulation(server_app=build_server_app(cfg),
-                           client_app=build_client_app(settings_for),
+                           client_app=build_client_app(settings_for, extra_mods),
                            num_supernodes=cfg.sim.sites, backend_config=backend_config)
         finally:
             _stop_ray()
+    status = run_dir / STATUS_FILE
+    if not status.is_file():
+        raise RuntimeError(f"the federation ended without a status; see the log above ({run_dir})")
+    return json.loads(status.read_text(encoding="utf-8"))
 
 
 def _stop_ray() -> None:

@@ -9,9 +9,9 @@ import psutil
 import pytest
 import torch
 
-from server.app import initial_weights
 from shared_model.config import config_from_yaml
-from shared_model.weights import load_safetensors, select_prefix
+from shared_model.ssl import build_ssl_model
+from shared_model.weights import load_safetensors
 
 
 def _processes_mentioning(fragment: str) -> list[psutil.Process]:
@@ -38,7 +38,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, ) -> tuple[Path, subproce
 def test_demo_writes_config_encoder_and_metrics(demo_run) -> None:
     out, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert str(out / "encoder.safetensors") in proc.stdout.replace("\n", "")
+    assert str(out / "release") in proc.stdout.replace("\n", "")
     cfg = config_from_yaml((out / "config.yaml").read_text(), "config.yaml")
     assert cfg.federation.rounds == 2 and cfg.sim.sites == 2
     records = json.loads((out / "metrics.json").read_text())
@@ -46,16 +46,19 @@ def test_demo_writes_config_encoder_and_metrics(demo_run) -> None:
     assert all(r["status"] == "aggregated" for r in records)
     assert all(set(r["sites"]) == {"site-0", "site-1"} for r in records)
     assert "loss_mean" in records[-1]["aggregate"]
-    assert (out / "metrics.csv").read_text().startswith("round,phase,site")
+    assert (out / "metrics.csv").read_text().startswith("round,phase,kind,site")
+    assert any((out / "tensorboard").iterdir())
+    card = (out / "release" / "model_card.md").read_text()
+    assert "sites that contributed: 2" in card
 
 
 def test_aggregated_encoder_is_finite_and_trained(demo_run) -> None:
     out, proc = demo_run
     assert proc.returncode == 0
-    trained, meta = load_safetensors(out / "encoder.safetensors")
+    trained, meta = load_safetensors(out / "release" / "encoder.safetensors")
     cfg = config_from_yaml((out / "config.yaml").read_text(), "config.yaml")
-    _, initial = initial_weights(cfg)
-    start = select_prefix(initial, "encoder.")
+    torch.manual_seed(cfg.seed)
+    start = build_ssl_model(cfg).encoder.state_dict()
     assert set(trained) == set(start)
     assert all(torch.isfinite(t).all() for t in trained.values())
     moved = sum(float((trained[k] - start[k]).abs().max()) for k in start)

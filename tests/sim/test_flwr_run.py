@@ -62,7 +62,7 @@ def test_flwr_run_uses_the_project_apps(tmp_path: Path) -> None:
         shutil.rmtree(ray_dir, ignore_errors=True)
     # Assert
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert (out / "encoder.safetensors").is_file(), proc.stdout[-2000:]
+    assert (out / "release" / "encoder.safetensors").is_file(), proc.stdout[-2000:]
     assert (out / "metrics.json").is_file()
     assert _stop_processes_mentioning(str(flwr_home)) == 0
     assert not (REPO / "pyproject.toml").read_text().count("MIGRATION")

@@ -1,0 +1,248 @@
+"""What a node does in each phase of a federation: pretrain, fine-tune, evaluate.
+
+The server's plan says what to train; the node's store says on what. Anything a node keeps
+between rounds (a DINO teacher in local-EMA mode, task heads kept local for personalisation, its
+DP accountant history) lives in the Flower Context's state, never in module globals.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.client import NumPyClient
+
+from client.finetune import series_from_store, split_subjects
+from client.protocol import (
+    FINETUNE,
+    PHASE_KEY,
+    PLAN_KEY,
+    PRETRAIN,
+    ROUND_KEY,
+    SPAN_END_KEY,
+    SPAN_START_KEY,
+    TASK_KEY,
+    outgoing_metrics,
+)
+from client.store import LocalStore
+from shared_model.config import (
+    FedCMRConfig,
+    HeadSharing,
+    PrivacyMode,
+    SSLMethod,
+    config_from_yaml,
+    secagg_enabled,
+)
+from shared_model.encoders import build_encoder, get_preset
+from shared_model.finetune import evaluate, finetune
+from shared_model.privacy import DPSettings, PrivacyError, epsilon_for, make_private
+from shared_model.ssl import build_ssl_model, federated_keys
+from shared_model.tasks import Task, TaskData, get_task
+from shared_model.tasks.models import build_task_model
+from shared_model.train import Span, derive_seed, make_generator, make_optimizer, pretrain_local, resolve_device
+from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays
+
+STATE_TEACHER = "fedcmr.dino_teacher"
+STATE_HEAD = "fedcmr.head."
+STATE_DP = "fedcmr.dp"
+
+
+class BudgetError(RuntimeError):
+    """A round this node will not train: it would exceed the node's privacy budget."""
+
+
+def plan_from_config(config: dict[str, object]) -> FedCMRConfig:
+    text = config.get(PLAN_KEY)
+    if not isinstance(text, str):
+        raise ValueError(f"instruction carries no '{PLAN_KEY}'; is the server a FedCMR server?")
+    return config_from_yaml(text, source="server plan")
+
+
+def task_keys(model: torch.nn.Module, plan: FedCMRConfig) -> list[str]:
+    """Federated keys of a task model: the encoder, and the head unless heads stay local."""
+    prefixes = ("encoder.",) if plan.federation.heads == HeadSharing.local else ("encoder.", "head.")
+    return [k for k in model.state_dict() if k.startswith(prefixes)]
+
+
+def initial_task_model(plan: FedCMRConfig, task: Task) -> torch.nn.Module:
+    """The seeded task model both server and nodes start a fine-tuning phase from."""
+    torch.manual_seed(derive_seed(plan.seed, "head", task.name) % (2**31))
+    return build_task_model(task, build_encoder(plan.model.preset))
+
+
+def split_task_data(data: TaskData, plan: FedCMRConfig) -> tuple[TaskData, TaskData]:
+    """Train/test by whole subjects, the same split every round (seeded by the plan)."""
+    train_ids, test_ids = split_subjects(data.subjects, plan.tasks.label_budget,
+                                         plan.tasks.test_fraction, plan.seed)
+    train = data.subset([i for i, s in enumerate(data.subjects) if s in train_ids])
+    test = data.subset([i for i, s in enumerate(data.subjects) if s in test_ids])
+    return train, test
+
+
+class FedCMRClient(NumPyClient):
+    """One node, one message: dispatch on the phase the server names."""
+
+    def __init__(self, store: Path, device: str, site_index: int, context: Context) -> None:
+        self.store_path = store
+        self.device = resolve_device(device)
+        self.site_index = site_index
+        self.context = context
+
+    # ------------------------------------------------------------------ Flower entry points
+
+    def get_parameters(self, config: dict[str, object]) -> list[np.ndarray]:
+        raise RuntimeError("FedCMR servers send initial weights; nodes never supply them")
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, object]
+            ) -> tuple[list[np.ndarray], int, dict[str, float | int]]:
+        plan = plan_from_config(config)
+        span = Span(float(config.get(SPAN_START_KEY, 0.0)), float(config.get(SPAN_END_KEY, 1.0)))
+        gen = make_generator(plan.seed, "site", self.site_index, "round", int(config.get(ROUND_KEY, 0)))
+        mu = float(config.get("proximal_mu", 0.0))
+        if config.get(PHASE_KEY) == FINETUNE:
+            return self._finetune(parameters, plan, get_task(str(config[TASK_KEY])), span, gen, mu)
+        if config.get(PHASE_KEY, PRETRAIN) == PRETRAIN:
+            return self._pretrain(parameters, plan, span, gen, mu)
+        raise ValueError(f"unknown phase {config.get(PHASE_KEY)!r}")
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, object]
+                 ) -> tuple[float, int, dict[str, float | int]]:
+        plan = plan_from_config(config)
+        task = get_task(str(config[TASK_KEY]))
+        model = self._task_model(parameters, plan, task)
+        _, test = split_task_data(self._task_data(plan, task), plan)
+        metrics = evaluate(model, task, test, self.device)
+        return float(metrics.pop("loss", 0.0)), max(len(test), 1), outgoing_metrics(
+            {**metrics, "site_index": self.site_index})
+
+    # ------------------------------------------------------------------ phases
+
+    def _pretrain(self, parameters: list[np.ndarray], plan: FedCMRConfig, span: Span,
+                  gen: torch.Generator, mu: float) -> tuple[list[np.ndarray], int, dict]:
+        model = build_ssl_model(plan)
+        keys = federated_keys(model)
+        load_into(model, arrays_to_state_dict(parameters, keys, model.state_dict()), "global weights")
+        self._restore_teacher(model, plan)
+        model.to(self.device)
+        images = LocalStore.open(self.store_path).unlabeled_frames(get_preset(plan.model.preset).image_size)
+        optimizer = make_optimizer(model, plan.ssl.lr, plan.ssl.weight_decay)
+        private = None
+        if plan.privacy.mode == PrivacyMode.sample:
+            if plan.ssl.method != SSLMethod.mae:
+                raise PrivacyError("sample-level DP pretraining supports ssl.method=mae only: DINO's "
+                                   "centring and teacher mix images, so per-image clipping would "
+                                   "not bound one image's influence")
+            dp = self._dp_settings(plan)
+            self._check_budget(plan, dp, plan.ssl.batch_size / len(images), plan.ssl.local_steps)
+            private = make_private(model, optimizer, torch.utils.data.TensorDataset(images),
+                                   plan.ssl.batch_size, dp, gen, self._dp_history())
+        try:
+            result = pretrain_local(model, images, steps=plan.ssl.local_steps,
+                                    batch_size=plan.ssl.batch_size, optimizer=optimizer, gen=gen,
+                                    device=self.device, base_lr=plan.ssl.lr, span=span,
+                                    proximal_mu=mu, private=private)
+        finally:
+            if private is not None:
+                private.close()
+        self._keep_teacher(model, plan)
+        metrics = {**asdict(result), **result.stats, "num_images": len(images)}
+        if private is not None:
+            metrics.update(self._record_dp(private.accountant_state(), plan))
+        return self._reply(model.state_dict(), keys, len(images), plan, metrics)
+
+    def _finetune(self, parameters: list[np.ndarray], plan: FedCMRConfig, task: Task, span: Span,
+                  gen: torch.Generator, mu: float) -> tuple[list[np.ndarray], int, dict]:
+        model = self._task_model(parameters, plan, task)
+        train, _ = split_task_data(self._task_data(plan, task), plan)
+        dp = self._dp_settings(plan) if plan.privacy.mode == PrivacyMode.sample else None
+        if dp is not None:
+            self._check_budget(plan, dp, min(1.0, plan.tasks.batch_size / max(len(train), 1)),
+                               plan.tasks.steps)
+        result = finetune(model, task, train, plan.tasks, gen=gen, device=self.device, span=span,
+                          dp=dp, dp_history=self._dp_history() if dp else None, proximal_mu=mu)
+        if plan.federation.heads == HeadSharing.local:
+            self.context.state.array_records[STATE_HEAD + task.name] = ArrayRecord(
+                torch_state_dict={k: v.detach().cpu() for k, v in model.head.state_dict().items()})
+        metrics = {**asdict(result.local), "num_samples": len(train)}
+        if dp is not None and result.dp_history is not None:
+            metrics.update(self._record_dp(result.dp_history, plan))
+        return self._reply(model.state_dict(), task_keys(model, plan), len(train), plan, metrics)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _reply(self, state: dict[str, torch.Tensor], keys: list[str], count: int, plan: FedCMRConfig,
+               metrics: dict[str, object]) -> tuple[list[np.ndarray], int, dict]:
+        arrays = state_dict_to_arrays({k: state[k].detach().to("cpu", torch.float32) for k in keys}, keys)
+        # Under user-level DP every site weighs the same (the noise is calibrated to that);
+        # under SecAgg+ example weights are capped at max_weight (the masking scales by them).
+        weight = 1 if plan.privacy.mode == PrivacyMode.user else count
+        if secagg_enabled(plan):
+            weight = min(weight, plan.federation.secagg.max_weight)
+        return arrays, weight, outgoing_metrics({**metrics, "site_index": self.site_index})
+
+    def _task_data(self, plan: FedCMRConfig, task: Task) -> TaskData:
+        store = LocalStore.open(self.store_path)
+        data = task.build(series_from_store(store), get_preset(plan.model.preset).image_size)
+        if len(data) == 0:
+            raise ValueError(f"this node has no labelled samples for task '{task.name}'")
+        return data
+
+    def _task_model(self, parameters: list[np.ndarray], plan: FedCMRConfig, task: Task) -> torch.nn.Module:
+        model = initial_task_model(plan, task)
+        keys = task_keys(model, plan)
+        load_into(model, {**model.state_dict(), **arrays_to_state_dict(parameters, keys, model.state_dict())},
+                  "global weights")
+        local_head = self.context.state.array_records.get(STATE_HEAD + task.name)
+        if plan.federation.heads == HeadSharing.local and local_head is not None:
+            load_into(model.head, local_head.to_torch_state_dict(), "local head")
+        return model
+
+    def _restore_teacher(self, model: torch.nn.Module, plan: FedCMRConfig) -> None:
+        """DINO local-EMA: continue this node's teacher; the first round starts it from the student."""
+        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher.value != "local_ema":
+            return
+        saved = self.context.state.array_records.get(STATE_TEACHER)
+        if saved is None:
+            model.reset_teacher()
+        else:
+            load_into(model, {**model.state_dict(), **saved.to_torch_state_dict()}, "local teacher")
+
+    def _keep_teacher(self, model: torch.nn.Module, plan: FedCMRConfig) -> None:
+        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher.value != "local_ema":
+            return
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()
+                 if k.startswith("teacher.") or k == "center"}
+        self.context.state.array_records[STATE_TEACHER] = ArrayRecord(torch_state_dict=state)
+
+    # ------------------------------------------------------------------ sample-level DP
+
+    @staticmethod
+    def _dp_settings(plan: FedCMRConfig) -> DPSettings:
+        p = plan.privacy
+        return DPSettings(p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant)
+
+    def _dp_history(self) -> list[list[float]]:
+        record = self.context.state.config_records.get(STATE_DP)
+        return json.loads(str(record["history"])) if record is not None else []
+
+    def _check_budget(self, plan: FedCMRConfig, dp: DPSettings, sample_rate: float, steps: int) -> None:
+        budget = plan.privacy.epsilon_budget
+        if budget is None:
+            return
+        planned = self._dp_history() + [[dp.noise_multiplier, sample_rate, steps]]
+        eps = epsilon_for(planned, dp.delta, dp.accountant)
+        if eps > budget:
+            raise BudgetError(f"this round would take the node to epsilon={eps:.3g}, over its "
+                              f"budget of {budget:g}; the node does not train it")
+
+    def _record_dp(self, history: list[list[float]], plan: FedCMRConfig) -> dict[str, float]:
+        previous = self._dp_history()
+        self.context.state.config_records[STATE_DP] = ConfigRecord({"history": json.dumps(history)})
+        # Opacus merges consecutive steps with the same (noise, rate) into one history row.
+        steps = int(sum(row[2] for row in history) - sum(row[2] for row in previous))
+        return {"dp_epsilon": epsilon_for(history, plan.privacy.delta, plan.privacy.accountant),
+                "dp_sample_rate": float(history[-1][1]), "dp_steps": steps}

@@ -1,0 +1,237 @@
+"""Hospital-side fine-tuning and prediction with a FedCMR model bundle, on the node's store.
+
+``finetune_on_store``: take a bundle (a release or a run folder), build the task's samples from
+the store, hold out whole subjects for testing, fine-tune, evaluate, and write a new bundle with
+the task head. ``predict_on_store``: run a bundle's task head over a store and write masks as
+NIfTI, landmarks and classes as JSON and CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from client.store import LocalStore
+from shared_model.bundle import Bundle, load_bundle, save_task_bundle, task_model_from_bundle
+from shared_model.config import FedCMRConfig
+from shared_model.files import atomic_write_bytes, atomic_write_text
+from shared_model.finetune import evaluate, finetune, predict_all
+from shared_model.labels import parse_frame_key
+from shared_model.privacy import DPSettings
+from shared_model.tasks import SeriesData, Task, TaskKind, get_task
+from shared_model.train import CheckpointPolicy, make_generator, resolve_device
+
+
+def series_from_store(store: LocalStore, keys: Sequence[str] | None = None) -> list[SeriesData]:
+    """The store's series as model-side SeriesData (images as float32, labels in store pixels)."""
+    out = []
+    for key in sorted(keys if keys is not None else store.manifest.series):
+        record = store.manifest.series[key]
+        landmarks = {parse_frame_key(k): {n: (float(p[0]), float(p[1])) for n, p in points.items()}
+                     for k, points in record.landmarks.items()}
+        out.append(SeriesData(
+            key=key, subject=record.subject, images=store.load(key).astype(np.float32),
+            spacing_mm=store.manifest.spacing_mm, sequence=record.sequence, view=record.view,
+            mask=store.load_mask(key) if record.mask else None,
+            labeled_frames=[(int(s), int(t)) for s, t in record.labeled_frames],
+            landmarks=landmarks, classes=dict(record.classes),
+            subject_labels=dict(store.manifest.subjects.get(record.subject, {}))))
+    return out
+
+
+def split_subjects(subjects: Sequence[str], label_budget: int, test_fraction: float,
+                   seed: int) -> tuple[list[str], list[str]]:
+    """(train, test): whole subjects, shuffled by ``seed``; at most ``label_budget`` for training.
+
+    ``label_budget`` <= 0 means every subject not held out for testing.
+    """
+    unique = sorted(set(subjects))
+    if len(unique) < 2:
+        raise ValueError(f"need labelled data from at least 2 subjects to hold one out for "
+                         f"testing; the store has {len(unique)}")
+    order = [unique[i] for i in torch.randperm(len(unique), generator=make_generator(seed, "split")).tolist()]
+    n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
+    test, rest = order[:n_test], order[n_test:]
+    train = rest[:label_budget] if label_budget > 0 else rest
+    return sorted(train), sorted(test)
+
+
+@dataclass
+class FinetuneReport:
+    out: Path
+    train_subjects: int
+    test_subjects: int
+    train_samples: int
+    test_samples: int
+    metrics: dict[str, float]
+    epsilon: float
+
+
+def finetune_on_store(task_name: str, bundle_path: Path, store_path: Path, out: Path,
+                      cfg: FedCMRConfig, label_budget: int = 0, test_fraction: float = 0.3,
+                      resume: bool = True) -> FinetuneReport:
+    """Fine-tune ``task_name`` from a bundle on the store's labelled subjects; write a bundle."""
+    task = get_task(task_name)
+    bundle = load_bundle(bundle_path)
+    cfg.model = bundle.config.model  # the bundle's encoder defines the architecture
+    store = LocalStore.open(store_path)
+    size = _input_size(bundle)
+    data = task.build(series_from_store(store), size)
+    if len(data) == 0:
+        raise ValueError(f"{store_path}: no labelled samples for task '{task_name}'; "
+                         "ingest with --labels or use another task")
+    train_ids, test_ids = split_subjects(data.subjects, label_budget, test_fraction, cfg.seed)
+    train = data.subset([i for i, s in enumerate(data.subjects) if s in train_ids])
+    test = data.subset([i for i, s in enumerate(data.subjects) if s in test_ids])
+    model = task_model_from_bundle(bundle, task)
+    device = resolve_device(cfg.device)
+    dp = _dp_settings(cfg)
+    checkpoint = CheckpointPolicy(out / "checkpoint.safetensors", every=50,
+                                  fingerprint=f"{task_name}/{cfg.seed}/{len(train)}") if resume else None
+    result = finetune(model, task, train, cfg.tasks, gen=make_generator(cfg.seed, "finetune", task_name),
+                      device=device, dp=dp, checkpoint=checkpoint)
+    metrics = evaluate(model, task, test, device)
+    summary = {"task": task_name, "train_subjects": len(train_ids), "test_subjects": len(test_ids),
+               "train_samples": len(train), "test_samples": len(test), "metrics": metrics,
+               "epsilon": result.epsilon, "delta": cfg.privacy.delta if dp else None,
+               "steps": cfg.tasks.steps, "mode": cfg.tasks.mode.value}
+    save_task_bundle(out, cfg, task, model.cpu(), _json_safe(summary), base=bundle)
+    if checkpoint is not None:
+        checkpoint.path.unlink(missing_ok=True)  # the session finished; the bundle is the result
+    return FinetuneReport(out, len(train_ids), len(test_ids), len(train), len(test), metrics,
+                          result.epsilon)
+
+
+def _input_size(bundle: Bundle) -> int:
+    from shared_model.encoders import get_preset
+
+    return get_preset(bundle.config.model.preset).image_size
+
+
+def _dp_settings(cfg: FedCMRConfig) -> DPSettings | None:
+    if cfg.privacy.mode.value != "sample":
+        return None
+    p = cfg.privacy
+    return DPSettings(p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant)
+
+
+def _json_safe(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------- prediction
+
+
+def predict_on_store(task_name: str, bundle_path: Path, store_path: Path, out: Path,
+                     device_name: str = "auto") -> dict[str, int]:
+    """Predict ``task_name`` for every series of a store that the task applies to."""
+    task = get_task(task_name)
+    bundle = load_bundle(bundle_path)
+    model = task_model_from_bundle(bundle, task, require_head=True)
+    device = resolve_device(device_name)
+    store = LocalStore.open(store_path)
+    size = _input_size(bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"series": 0, "frames": 0}
+    rows: list[dict[str, object]] = []
+    for series in series_from_store(store):
+        if not _applies(task, series):
+            continue
+        counts["series"] += 1
+        if task.kind == TaskKind.segmentation:
+            counts["frames"] += _write_mask(model, task, series, size, device, out, store.manifest.spacing_mm)
+        elif task.kind == TaskKind.landmarks:
+            rows += _landmark_rows(model, task, series, size, device)
+        else:
+            rows += _class_rows(model, task, series, size, device)
+    if rows:
+        _write_table(out, task_name, rows)
+    return counts
+
+
+def _applies(task: Task, series: SeriesData) -> bool:
+    sequences = getattr(task, "sequences", ())
+    views = getattr(task, "views", ())
+    if sequences and series.label("sequence") not in sequences:
+        return False
+    return not views or series.label("view") in views
+
+
+def _frames(series: SeriesData, size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    s_count, t_count = series.images.shape[:2]
+    index = [(s, t) for s in range(s_count) for t in range(t_count)]
+    frames = series.images.reshape(-1, *series.images.shape[-2:])
+    from shared_model.tasks.base import resize_frames
+
+    return resize_frames(frames, size), index
+
+
+def _write_mask(model: torch.nn.Module, task: Task, series: SeriesData, size: int,
+                device: torch.device, out: Path, spacing_mm: float) -> int:
+    inputs, index = _frames(series, size)
+    labels = predict_all(model, task, inputs, device)  # (N, size, size) task class indices
+    store_size = series.images.shape[-1]
+    full = F.interpolate(labels[:, None].float(), size=(store_size, store_size),
+                         mode="nearest-exact")[:, 0].to(torch.uint8).numpy()
+    values = np.zeros(len(task.classes) + 1, dtype=np.uint8)  # type: ignore[attr-defined]
+    for i, (_, mask_values) in enumerate(task.classes, start=1):  # type: ignore[attr-defined]
+        values[i] = mask_values[0]
+    volume = values[full].reshape(series.images.shape)  # (S, T, H, W) in MASK_VALUES
+    data = np.ascontiguousarray(volume.transpose(3, 2, 0, 1))  # NIfTI order: col, row, slice, phase
+    image = nib.Nifti1Image(data, np.diag([spacing_mm, spacing_mm, 1.0, 1.0]))
+    payload = gzip.compress(image.to_bytes(), mtime=0)
+    atomic_write_bytes(out / "masks" / f"{series.key}.nii.gz", payload)
+    return len(index)
+
+
+def _landmark_rows(model: torch.nn.Module, task: Task, series: SeriesData, size: int,
+                   device: torch.device) -> list[dict[str, object]]:
+    inputs, index = _frames(series, size)
+    coords = predict_all(model, task, inputs, device)  # (N, L, 2) input pixels
+    scale = series.images.shape[-1] / size
+    rows = []
+    for (s, t), points in zip(index, coords.tolist(), strict=True):
+        for name, (r, c) in zip(task.landmarks, points, strict=True):  # type: ignore[attr-defined]
+            rows.append({"series": series.key, "slice": s, "phase": t, "landmark": name,
+                         "row": round((r + 0.5) * scale - 0.5, 2), "col": round((c + 0.5) * scale - 0.5, 2)})
+    return rows
+
+
+def _class_rows(model: torch.nn.Module, task: Task, series: SeriesData, size: int,
+                device: torch.device) -> list[dict[str, object]]:
+    classes = task.classes  # type: ignore[attr-defined]
+    if task.kind == TaskKind.bag_classification:
+        data = task.build([series], size)
+        if len(data) == 0:
+            return []
+        probs = predict_all(model, task, data.inputs, device)[0]
+        return [{"series": series.key, "prediction": classes[int(probs.argmax())],
+                 **{f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs, strict=True)}}]
+    inputs, _ = _frames(series, size)
+    probs = predict_all(model, task, inputs, device).mean(dim=0)  # average over the series' frames
+    return [{"series": series.key, "prediction": classes[int(probs.argmax())],
+             **{f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs, strict=True)}}]
+
+
+def _write_table(out: Path, task_name: str, rows: list[dict[str, object]]) -> None:
+    atomic_write_text(out / f"{task_name}.json", json.dumps(rows, indent=1))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / f"{task_name}.csv", buffer.getvalue())

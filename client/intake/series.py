@@ -1,0 +1,174 @@
+"""Frames of one series -> a (slices, phases, H, W) stack, or the quality-control reason why not.
+
+Order comes from geometry only: slices by position along the slice normal (row cosine x column
+cosine), phases by TriggerTime within each slice, never by file name or instance number (that
+only breaks ties between frames of equal trigger time, e.g. frames without one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from client.intake.classify import structural_sequence, structural_view
+from client.intake.geometry import grid_indices, slice_normal
+from client.intake.reading import Frame, SeriesHints
+from client.intake.reasons import SkipSeries
+from shared_model.labels import UNKNOWN
+
+ORIENTATION_TOLERANCE = 0.01  # max difference of a direction cosine within one series
+SPACING_TOLERANCE_MM = 0.01
+MAX_FRAMES_PER_SERIES = 20_000
+MAP_SEQUENCES = frozenset({"t1_map", "t2_map"})  # raw values are physical (ms)
+
+
+@dataclass
+class SeriesParts:
+    """What the scan collected for one series (frames arrive in any order, from any files)."""
+
+    key: str
+    subject: str
+    study_uid: str
+    series_uid: str
+    frames: list[Frame] = field(default_factory=list)
+    files: list[int] = field(default_factory=list)  # scan indices of the files that gave frames
+    hints: list[SeriesHints] = field(default_factory=list)
+
+
+@dataclass
+class BuiltSeries:
+    """A series in store layout plus what labels need to find their frames."""
+
+    key: str
+    subject: str
+    study_uid: str
+    series_uid: str
+    images: np.ndarray  # (S, T, crop, crop) float16
+    grid: list[list[Frame]]  # [slice][phase] -> the frame (pixel data dropped)
+    sequence: str
+    view: str
+    info: dict[str, Any]
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        return self.grid[0][0].matrix
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        return self.grid[0][0].spacing
+
+
+def _check_consistency(frames: list[Frame]) -> None:
+    first = frames[0]
+    iop = np.array([f.orientation for f in frames])
+    if np.abs(iop - iop[0]).max() > ORIENTATION_TOLERANCE:
+        raise SkipSeries("inconsistent_orientation")
+    spacing = np.array([f.spacing for f in frames])
+    if (any(f.matrix != first.matrix for f in frames)
+            or np.abs(spacing - spacing[0]).max() > SPACING_TOLERANCE_MM):
+        raise SkipSeries("inconsistent_spacing")
+
+
+def _check_slice_gaps(positions: np.ndarray) -> None:
+    """Evenly spaced slices: a gap over 1.5x the median means a missing slice."""
+    if len(positions) < 3:
+        return
+    gaps = np.diff(positions)
+    median = float(np.median(gaps))
+    if gaps.max() > 1.5 * median:
+        raise SkipSeries("missing_slices")
+    if gaps.min() < 0.5 * median:
+        raise SkipSeries("inconsistent_slice_spacing")
+
+
+def _grid(frames: list[Frame]) -> tuple[list[list[Frame]], np.ndarray]:
+    """Frames placed by (slice, phase), and the slice positions along the normal (mm)."""
+    normal = slice_normal(frames[0].orientation)
+    along = np.array([float(np.dot(f.position, normal)) for f in frames])
+    keys = [(f.trigger_ms, f.order) for f in frames]
+    slices, phases = grid_indices(along, keys)
+    n_slices = int(slices.max()) + 1
+    counts = Counter(slices.tolist())
+    if len(set(counts.values())) != 1:
+        raise SkipSeries("missing_phases")
+    grid: list[list[Frame | None]] = [[None] * counts[0] for _ in range(n_slices)]
+    for frame, s, t in zip(frames, slices, phases):
+        grid[s][t] = frame
+    for row in grid:
+        for a, b in zip(row, row[1:]):
+            if (a.trigger_ms, a.order) == (b.trigger_ms, b.order) or (
+                    math.isnan(a.trigger_ms) and math.isnan(b.trigger_ms) and a.order == b.order):
+                raise SkipSeries("ambiguous_frames")
+    positions = np.array([np.mean(along[slices == s]) for s in range(n_slices)])
+    return grid, positions  # type: ignore[return-value]
+
+
+def _labels(parts: SeriesParts, grid: list[list[Frame]]) -> tuple[str, str]:
+    """Header text first (most common label over the files), then structure."""
+    def vote(values: list[str]) -> str:
+        known = Counter(v for v in values if v != UNKNOWN)
+        return known.most_common(1)[0][0] if known else UNKNOWN
+
+    sequence = vote([h.sequence for h in parts.hints])
+    view = vote([h.view for h in parts.hints])
+    if sequence == UNKNOWN:
+        distinct = all(
+            all(not math.isnan(f.trigger_ms) for f in row)
+            and len({round(f.trigger_ms, 3) for f in row}) == len(row) for row in grid)
+        sequence = structural_sequence(len(grid[0]), distinct)
+    if view == UNKNOWN:
+        view = structural_view(sequence, len(grid))
+    return sequence, view
+
+
+def _info(parts: SeriesParts, grid: list[list[Frame]], positions: np.ndarray) -> dict[str, Any]:
+    """Geometry numbers for the manifest: nothing absolute, nothing textual from a header."""
+    first = grid[0][0]
+    vendors = Counter(h.vendor for h in parts.hints)
+    strengths = [h.field_strength_t for h in parts.hints if h.field_strength_t is not None]
+    relative = positions - positions[0]
+    info: dict[str, Any] = {
+        "source": "dicom",
+        "pixel_spacing_mm": [round(first.spacing[0], 4), round(first.spacing[1], 4)],
+        "matrix": list(first.matrix),
+        "slice_positions_mm": [round(float(p), 3) for p in relative],
+        "slice_spacing_mm": (round(float(np.median(np.diff(positions))), 3)
+                             if len(positions) > 1 else None),
+        "trigger_times_ms": [[None if math.isnan(f.trigger_ms) else round(f.trigger_ms, 1) for f in row]
+                             for row in grid],
+        "vendor": vendors.most_common(1)[0][0] if vendors else UNKNOWN,
+        "field_strength_t": max(set(strengths), key=strengths.count) if strengths else None,
+        "enhanced": any(h.enhanced for h in parts.hints),
+    }
+    return info
+
+
+def intensity_windows(grid: list[list[Frame]]) -> list[list[list[float]]]:
+    """Per frame (lo, hi) of the raw values: ``raw = stored * (hi - lo) + lo``.
+
+    Kept for parametric maps, whose raw values are physical (T1/T2 in ms).
+    """
+    return [[[round(f.window[0], 3), round(f.window[1], 3)] for f in row] for row in grid]
+
+
+def build_series(parts: SeriesParts) -> BuiltSeries:
+    """Order, check and stack one series; raises :class:`SkipSeries` with the QC reason."""
+    frames = parts.frames
+    if len(frames) > MAX_FRAMES_PER_SERIES:
+        raise SkipSeries("series_too_large")
+    _check_consistency(frames)
+    grid, positions = _grid(frames)
+    _check_slice_gaps(positions)
+    images = np.stack([np.stack([f.image for f in row]) for row in grid]).astype(np.float16)
+    sequence, view = _labels(parts, grid)
+    info = _info(parts, grid, positions)
+    for row in grid:  # the stack holds the pixels now; labels need only the geometry
+        for f in row:
+            f.image = np.empty(0, dtype=np.float16)
+    return BuiltSeries(key=parts.key, subject=parts.subject, study_uid=parts.study_uid,
+                       series_uid=parts.series_uid, images=images, grid=grid,
+                       sequence=sequence, view=view, info=info)

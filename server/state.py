@@ -1,0 +1,116 @@
+"""The server's checkpoint: everything needed to continue a federation at the next round.
+
+One safetensors file, rewritten atomically after every round (temp file, fsync, rename):
+
+- ``phase/<key>``: the global weights of the phase in progress (order in metadata)
+- ``fm/<key>``: the pretrained encoder, once pretraining is done
+- ``task/<task>/<key>``: the finished task models (encoder + head)
+- ``opt/<name>/<i>``: the server optimiser's state (FedAdam moments, FedAvgM momentum)
+
+plus JSON metadata: progress (global round, phase, round within phase), the privacy ledger, a
+fingerprint of the run's config, and the SHA-256 of the phase weights. Loading checks all of it:
+a truncated file, a hash that does not match, or another run's config is an error — never a
+silent fresh start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared_model.config import FedCMRConfig, OutputConfig, config_to_yaml
+from shared_model.weights import WeightsError, load_safetensors, save_safetensors
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+FORMAT = "fedcmr-server-checkpoint"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says why and what to do."""
+
+
+def weights_hash(arrays: list[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(str(a.dtype).encode())
+        digest.update(str(a.shape).encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+
+def config_fingerprint(cfg: FedCMRConfig) -> str:
+    """Hash of everything that shapes the run except where it writes (``output``)."""
+    text = config_to_yaml(dataclasses.replace(cfg, output=OutputConfig()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ServerState:
+    global_round: int = 0  # rounds completed, all phases
+    phase: str = ""  # phase in progress ("" before the first)
+    phase_round: int = 0  # rounds completed in that phase
+    phase_keys: list[str] = field(default_factory=list)
+    phase_arrays: list[np.ndarray] = field(default_factory=list)
+    foundation: dict[str, torch.Tensor] = field(default_factory=dict)  # pretrained encoder
+    tasks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    optimizer: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    ledger_json: str = ""
+    phases_done: list[str] = field(default_factory=list)
+
+
+def save_state(run_dir: Path, state: ServerState, cfg: FedCMRConfig) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    for key, array in zip(state.phase_keys, state.phase_arrays, strict=True):
+        tensors[f"phase/{key}"] = torch.from_numpy(np.ascontiguousarray(array))
+    tensors.update({f"fm/{k}": v for k, v in state.foundation.items()})
+    for task, weights in state.tasks.items():
+        tensors.update({f"task/{task}/{k}": v for k, v in weights.items()})
+    for name, arrays in state.optimizer.items():
+        tensors.update({f"opt/{name}/{i}": torch.from_numpy(np.ascontiguousarray(a))
+                        for i, a in enumerate(arrays)})
+    meta = {"format": FORMAT, "global_round": state.global_round, "phase": state.phase,
+            "phase_round": state.phase_round, "phase_keys": state.phase_keys,
+            "phases_done": state.phases_done, "ledger": state.ledger_json,
+            "optimizer": {k: len(v) for k, v in state.optimizer.items()},
+            "fingerprint": config_fingerprint(cfg), "weights_sha256": weights_hash(state.phase_arrays)}
+    return save_safetensors(run_dir / CHECKPOINT_FILE, tensors, {"fedcmr": json.dumps(meta)})
+
+
+def load_state(run_dir: Path, cfg: FedCMRConfig) -> ServerState:
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ResumeError(f"{path}: no checkpoint to resume from; start without --resume")
+    try:
+        tensors, raw = load_safetensors(path)
+        meta = json.loads(raw["fedcmr"])
+    except (WeightsError, KeyError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"{path}: damaged checkpoint ({exc}); restore it from a backup or "
+                          "start a new run in another folder") from exc
+    if meta.get("format") != FORMAT:
+        raise ResumeError(f"{path}: not a FedCMR server checkpoint")
+    if meta["fingerprint"] != config_fingerprint(cfg):
+        raise ResumeError(f"{path} was written by a run with another config; resume with the "
+                          f"run's own config ({run_dir / 'config.yaml'}) or start a new run")
+    arrays = [tensors[f"phase/{k}"].numpy() for k in meta["phase_keys"]]
+    if weights_hash(arrays) != meta["weights_sha256"]:
+        raise ResumeError(f"{path}: global weights do not match their recorded hash; the file "
+                          "is damaged")
+    tasks: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("task/"):
+            _, task, name = key.split("/", 2)
+            tasks.setdefault(task, {})[name] = value
+    optimizer = {name: [tensors[f"opt/{name}/{i}"].numpy() for i in range(count)]
+                 for name, count in meta["optimizer"].items()}
+    return ServerState(
+        global_round=int(meta["global_round"]), phase=str(meta["phase"]),
+        phase_round=int(meta["phase_round"]), phase_keys=list(meta["phase_keys"]),
+        phase_arrays=arrays, foundation={k[3:]: v for k, v in tensors.items() if k.startswith("fm/")},
+        tasks=tasks, optimizer=optimizer, ledger_json=str(meta["ledger"]),
+        phases_done=list(meta["phases_done"]))

@@ -1,0 +1,94 @@
+"""Fit and evaluate rounds for Flower's legacy DefaultWorkflow, bounded in time.
+
+Flower 1.42's default fit/evaluate workflows wait for replies without a timeout, so one silent
+node would stall the federation forever. These are the same steps (configure, send, receive,
+aggregate) with ``send_and_receive(..., timeout=round_timeout_s)``: a node that does not answer in
+time counts as a failure and the round goes on with the others. SecAgg+ rounds use Flower's
+``SecAggPlusWorkflow`` with its own timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO
+from typing import cast
+
+import flwr.compat.common.recorddict_compat as compat
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.common import Code
+from flwr.server import LegacyContext
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+Workflow = Callable[[Grid, Context], None]
+
+
+def _current(context: LegacyContext) -> tuple[int, object]:
+    cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+    parameters = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD],
+                                                  keep_input=True)
+    return cast(int, cfg[Key.CURRENT_ROUND]), parameters
+
+
+def timed_fit_workflow(timeout_s: float) -> Workflow:
+    def fit(grid: Grid, context: Context) -> None:
+        assert isinstance(context, LegacyContext)
+        server_round, parameters = _current(context)
+        instructions = context.strategy.configure_fit(server_round=server_round, parameters=parameters,
+                                                      client_manager=context.client_manager)
+        if not instructions:
+            log(INFO, "configure_fit: no sites selected, round skipped")
+            return
+        proxies = {proxy.node_id: proxy for proxy, _ in instructions}
+        messages = [Message(content=compat.fitins_to_recorddict(ins, True), dst_node_id=proxy.node_id,
+                            message_type=MessageType.TRAIN, group_id=str(server_round))
+                    for proxy, ins in instructions]
+        replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+        results, failures = [], []
+        for reply in replies:
+            if reply.has_content():
+                res = compat.recorddict_to_fitres(reply.content, False)
+                proxy = proxies[reply.metadata.src_node_id]
+                (results if res.status.code == Code.OK else failures).append((proxy, res))
+            else:
+                failures.append(Exception(reply.error))
+        missing = len(instructions) - len(replies)
+        failures += [TimeoutError(f"no reply within {timeout_s:g} s")] * missing
+        params, metrics = context.strategy.aggregate_fit(server_round, results, failures)
+        if params:
+            context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, True)
+            context.history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
+
+    return fit
+
+
+def timed_evaluate_workflow(timeout_s: float) -> Workflow:
+    def evaluate(grid: Grid, context: Context) -> None:
+        assert isinstance(context, LegacyContext)
+        server_round, parameters = _current(context)
+        instructions = context.strategy.configure_evaluate(
+            server_round=server_round, parameters=parameters, client_manager=context.client_manager)
+        if not instructions:
+            return
+        proxies = {proxy.node_id: proxy for proxy, _ in instructions}
+        messages = [Message(content=compat.evaluateins_to_recorddict(ins, True),
+                            dst_node_id=proxy.node_id, message_type=MessageType.EVALUATE,
+                            group_id=str(server_round))
+                    for proxy, ins in instructions]
+        replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+        results, failures = [], []
+        for reply in replies:
+            if reply.has_content():
+                res = compat.recorddict_to_evaluateres(reply.content)
+                proxy = proxies[reply.metadata.src_node_id]
+                (results if res.status.code == Code.OK else failures).append((proxy, res))
+            else:
+                failures.append(Exception(reply.error))
+        loss, metrics = context.strategy.aggregate_evaluate(server_round, results, failures)
+        if loss is not None:
+            context.history.add_loss_distributed(server_round=server_round, loss=loss)
+            context.history.add_metrics_distributed(server_round=server_round, metrics=metrics)
+
+    return evaluate

@@ -1,0 +1,95 @@
+"""Hospital-side fine-tuning and prediction on a store, from a model bundle."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from client.finetune import finetune_on_store, predict_on_store, series_from_store, split_subjects
+from client.store import LocalStore, SeriesRecord
+from shared_model.bundle import load_bundle
+from shared_model.config import load_config, save_resolved_config
+from shared_model.encoders import build_encoder
+from shared_model.labels import MASK_VALUES, frame_key
+from shared_model.weights import save_safetensors
+from tests.shared_model.task_fixtures import lge_series, sax_series
+
+
+@pytest.fixture(scope="module")
+def labelled_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    store = LocalStore.create(root, spacing_mm=1.5, crop_px=32)
+    for i in range(4):
+        sax = sax_series(f"sax{i}", f"subj{i}", seed=i, disease=("NOR", "DCM")[i % 2])
+        store.add_series(SeriesRecord(
+            key=sax.key, array="", shape=[], sequence="cine", view="sax", subject=sax.subject,
+            labeled_frames=[list(f) for f in sax.labeled_frames],
+            landmarks={frame_key(*f): {n: list(p) for n, p in pts.items()} for f, pts in sax.landmarks.items()}),
+            sax.images, sax.mask)
+        store.set_subject_labels(sax.subject, {"disease": sax.subject_labels["disease"]})
+        lge = lge_series(f"lge{i}", f"subj{i}", scar=bool(i % 2))
+        store.add_series(SeriesRecord(key=lge.key, array="", shape=[], sequence="lge", view="sax",
+                                      subject=lge.subject, labeled_frames=[list(f) for f in lge.labeled_frames],
+                                      classes=dict(lge.classes)), lge.images, lge.mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bundle")
+    cfg = load_config("demo-cpu")
+    save_resolved_config(cfg, root)
+    torch.manual_seed(0)
+    save_safetensors(root / "encoder.safetensors", build_encoder(cfg.model.preset).state_dict())
+    return root
+
+
+def test_store_series_carry_labels(labelled_store: Path) -> None:
+    series = {s.key: s for s in series_from_store(LocalStore.open(labelled_store))}
+    assert series["sax0"].mask is not None and series["sax0"].mask.shape == (3, 4, 32, 32)
+    assert series["sax1"].subject_labels == {"disease": "DCM"}
+    assert (0, 0) in series["sax0"].landmarks and series["lge1"].classes["lge_pathology"] == "scar"
+
+
+def test_split_keeps_subjects_whole_and_respects_the_budget() -> None:
+    train, test = split_subjects(["a", "a", "b", "c", "d", "e"], label_budget=1, test_fraction=0.4, seed=3)
+    assert len(train) == 1 and len(test) == 2 and not set(train) & set(test)
+    with pytest.raises(ValueError, match="at least 2 subjects"):
+        split_subjects(["a", "a"], 1, 0.5, 0)
+
+
+def test_finetune_then_predict_segmentation(tmp_path: Path, labelled_store: Path, base_bundle: Path) -> None:
+    cfg = load_config("demo-cpu", ["tasks.steps=2", "tasks.batch_size=4", "device=cpu"])
+    report = finetune_on_store("sax_seg", base_bundle, labelled_store, tmp_path / "ft", cfg, label_budget=2)
+    assert report.train_subjects == 2 and report.test_subjects >= 1
+    assert {"dice_lv_blood", "dice_lv_myo", "dice_rv_blood"} <= set(report.metrics)
+    bundle = load_bundle(tmp_path / "ft")
+    assert bundle.has_task("sax_seg")
+    saved = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert saved["task"] == "sax_seg" and saved["train_subjects"] == 2
+    counts = predict_on_store("sax_seg", tmp_path / "ft", labelled_store, tmp_path / "pred", "cpu")
+    assert counts["series"] == 4
+    mask = nib.load(tmp_path / "pred" / "masks" / "sax0.nii.gz").get_fdata()
+    assert mask.shape == (32, 32, 3, 4)  # col, row, slice, phase
+    assert set(np.unique(mask).astype(int)) <= {0, *MASK_VALUES.values()}
+
+
+@pytest.mark.parametrize("task, column", [("lge_pathology", "prediction"), ("landmarks", "landmark")])
+def test_predict_writes_classes_and_landmarks(tmp_path: Path, labelled_store: Path, base_bundle: Path,
+                                             task: str, column: str) -> None:
+    cfg = load_config("demo-cpu", ["tasks.steps=1", "tasks.batch_size=2", "device=cpu"])
+    finetune_on_store(task, base_bundle, labelled_store, tmp_path / "ft", cfg)
+    predict_on_store(task, tmp_path / "ft", labelled_store, tmp_path / "pred", "cpu")
+    rows = json.loads((tmp_path / "pred" / f"{task}.json").read_text())
+    assert rows and column in rows[0]
+    assert (tmp_path / "pred" / f"{task}.csv").read_text().splitlines()[0].startswith("series,")
+
+
+def test_predict_without_a_head_says_how_to_get_one(tmp_path: Path, labelled_store: Path, base_bundle: Path) -> None:
+    from shared_model.bundle import BundleError
+
+    with pytest.raises(BundleError, match="fedcmr-client finetune --task sax_seg"):
+        predict_on_store("sax_seg", base_bundle, labelled_store, tmp_path / "pred", "cpu")

@@ -1,0 +1,61 @@
+"""Small simulated federations for server tests: stores, config, and a fault-injecting mod."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from shared_model.config import FedCMRConfig, load_config
+from sim.runner import run_federation
+from sim.sites import site_spec, write_site_frames
+
+TINY = ["ssl.local_steps=1", "ssl.batch_size=8", "ssl.mae.decoder_depth=1", "ssl.mae.decoder_dim=32",
+        "device=cpu", "federation.round_timeout_s=120", "federation.secagg.timeout_s=120"]
+
+
+def make_sites(root: Path, sites: int) -> Path:
+    for index in range(sites):
+        write_site_frames(root / f"site-{index}" / "store", site_spec(index, 1.5, 128), 16, seed=0)
+    return root
+
+
+def federate(out: Path, sites_root: Path, sites: int, overrides: list[str],
+             extra_mods: list | None = None) -> tuple[FedCMRConfig, dict]:
+    cfg = load_config("demo-cpu", [*TINY, f"sim.sites={sites}", f"federation.min_sites={sites}",
+                                   f"output.dir={out}", *overrides])
+    return cfg, run_federation(cfg, sites_root, extra_mods)
+
+
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+
+
+def corrupt_reply(site: int, round_: int, change: Callable[[list[np.ndarray]], list[np.ndarray]]) -> Mod:
+    """A mod that alters the weights one site sends in one round (a faulty or hostile node)."""
+    def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+        reply = call_next(msg, context)
+        if (msg.metadata.message_type == MessageType.TRAIN and not reply.has_error()
+                and int(context.node_config["partition-id"]) == site
+                and int(compat.recorddict_to_fitins(msg.content, True).config.get("round", -1)) == round_):
+            res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            res.parameters = ndarrays_to_parameters(change(parameters_to_ndarrays(res.parameters)))
+            reply.content = compat.fitres_to_recorddict(res, keep_input=True)
+        return reply
+    return mod
+
+
+def drop_during_masking(site: int) -> Mod:
+    """A mod that makes one site vanish after key sharing, when it should upload masked weights."""
+    def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if (configs is not None and configs.get("stage") == "collect_masked_vectors"
+                and int(context.node_config["partition-id"]) == site):
+            raise ConnectionError("site went offline during masking")
+        return call_next(msg, context)
+    return mod

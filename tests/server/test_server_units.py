@@ -1,0 +1,165 @@
+"""Server pieces without the engine: validation, ledger, checkpoint, node guard, strategy."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from client.app import NodePolicy, NodePolicyError, check_secagg_request
+from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
+from server.ledger import LedgerEntry, PrivacyLedger
+from server.state import ResumeError, ServerState, load_state, save_state, weights_hash
+from server.strategy import PhaseInfo, PhaseStrategy
+from server.validation import UpdateBounds, update_problem
+from shared_model.config import load_config
+from shared_model.privacy import epsilon_for
+
+GLOBAL = [np.zeros((4, 3), np.float32), np.ones(5, np.float32)]
+BOUNDS = UpdateBounds(max_update_norm=10.0, min_examples=1, max_examples=1000)
+
+
+@pytest.mark.parametrize("arrays, examples, fragment", [
+    ([np.full((4, 3), np.nan, np.float32), np.ones(5, np.float32)], 10, "non-finite"),
+    ([np.zeros((3, 3), np.float32), np.ones(5, np.float32)], 10, "shape"),
+    ([np.zeros((4, 3), np.float64), np.ones(5, np.float32)], 10, "dtype"),
+    ([np.zeros((4, 3), np.float32)], 10, "1 arrays instead of 2"),
+    ([np.full((4, 3), 100.0, np.float32), np.ones(5, np.float32)], 10, "update norm"),
+    ([np.zeros((4, 3), np.float32), np.ones(5, np.float32)], 0, "num_examples"),
+])
+def test_bad_updates_are_named(arrays, examples, fragment) -> None:  # noqa: ANN001
+    assert fragment in update_problem(arrays, examples, GLOBAL, BOUNDS)
+
+
+def test_good_update_passes() -> None:
+    good = [np.full((4, 3), 0.5, np.float32), np.ones(5, np.float32)]
+    assert update_problem(good, 10, GLOBAL, BOUNDS) is None
+
+
+class _Proxy:
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        self.cid = str(node_id)
+
+
+def _fit_res(arrays: list[np.ndarray], site: int, examples: int = 10) -> FitRes:
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, {"site_index": site})
+
+
+def _strategy(records: list, overrides: list[str] = ()):  # noqa: ANN202
+    cfg = load_config("demo-cpu", ["federation.min_sites=3", "federation.secagg.mode=never",
+                                   "federation.max_update_norm=10", *overrides])
+    inner = build_aggregator(cfg, GLOBAL, lambda items: {}, evaluate=False)
+    rounds: list[int] = []
+    strategy = PhaseStrategy(cfg, PhaseInfo("pretrain", "", 3, 0, 0), inner, list(GLOBAL),
+                             PrivacyLedger(1e-5), lambda r, a: rounds.append(r), records.append, False)
+    return strategy, rounds
+
+
+def test_strategy_excludes_bad_replies_and_keeps_a_finite_model() -> None:
+    records: list = []
+    strategy, rounds = _strategy(records)
+    good = [np.full((4, 3), 0.5, np.float32), np.ones(5, np.float32)]
+    replies = [(_Proxy(1), _fit_res(good, 0)),
+               (_Proxy(2), _fit_res([np.full((4, 3), np.nan, np.float32), good[1]], 1)),
+               (_Proxy(3), _fit_res([np.zeros((2, 2), np.float32), good[1]], 2)),
+               (_Proxy(4), _fit_res([np.full((4, 3), 1e3, np.float32), good[1]], 3)),
+               (_Proxy(5), _fit_res([np.full((4, 3), 1.5, np.float32), good[1]], 4))]
+    params, _ = strategy.aggregate_fit(1, replies, [])
+    merged = parameters_to_ndarrays(params)
+    assert np.allclose(merged[0], 1.0) and all(np.isfinite(a).all() for a in merged)
+    assert set(records[-1].excluded) == {"site-1", "site-2", "site-3"}
+    assert records[-1].status == "aggregated" and rounds == [1]
+
+
+def test_too_few_valid_replies_keep_the_global_model() -> None:
+    records: list = []
+    strategy, rounds = _strategy(records)
+    bad = [np.full((4, 3), np.nan, np.float32), np.ones(5, np.float32)]
+    good = [np.full((4, 3), 0.5, np.float32), np.ones(5, np.float32)]
+    params, _ = strategy.aggregate_fit(1, [(_Proxy(1), _fit_res(good, 0)), (_Proxy(2), _fit_res(bad, 1))], [])
+    assert params is None and records[-1].status == "skipped"
+    assert all(np.array_equal(a, b) for a, b in zip(strategy.current, GLOBAL))
+    assert rounds == [1]  # a skipped round is still checkpointed
+
+
+def test_user_dp_noise_and_ledger() -> None:
+    records: list = []
+    strategy, _ = _strategy(records, ["privacy.mode=user", "privacy.noise_multiplier=1.0",
+                                      "privacy.update_clip_norm=0.1"])
+    good = [np.full((4, 3), 0.5, np.float32), np.ones(5, np.float32)]
+    params, _ = strategy.aggregate_fit(1, [(_Proxy(i), _fit_res(good, i)) for i in range(3)], [])
+    noisy = parameters_to_ndarrays(params)[0]
+    assert noisy.dtype == np.float32 and 0.005 < float(np.std(noisy - 0.5)) < 0.08  # std = 0.1/3
+    assert strategy.ledger.epsilon("all-sites", "user") == pytest.approx(epsilon_for([[1.0, 1.0, 1]], 1e-5))
+
+
+def test_budget_halts_before_the_round() -> None:
+    strategy, _ = _strategy([], ["privacy.mode=user", "privacy.noise_multiplier=0.5",
+                                 "privacy.epsilon_budget=0.5"])
+    assert strategy.configure_fit(1, ndarrays_to_parameters(GLOBAL), client_manager=None) == []
+    assert "privacy.epsilon_budget=0.5" in str(strategy.halt)
+
+
+def test_ledger_composes_and_round_trips() -> None:
+    ledger = PrivacyLedger(1e-5, "rdp")
+    for r in (1, 2):
+        ledger.record("site-0", LedgerEntry(r, "pretrain", "sample", 1.1, 0.05, 20))
+    ledger.record("all-sites", LedgerEntry(1, "pretrain", "user", 2.0, 1.0, 1))
+    again = PrivacyLedger.from_json(ledger.to_json())
+    assert again.epsilon("site-0", "sample") == pytest.approx(epsilon_for([[1.1, 0.05, 40]], 1e-5, "rdp"))
+    assert again.summary() == ledger.summary() and set(again.summary()) == {"site-0", "all-sites"}
+    planned = {"site-0": [LedgerEntry(3, "pretrain", "sample", 1.1, 0.05, 20)]}
+    assert ledger.first_site_over(0.01, planned)[0] == "site-0"
+    assert ledger.first_site_over(1e9, planned) is None
+
+
+def _state() -> ServerState:
+    rng = np.random.default_rng(0)
+    return ServerState(global_round=3, phase="pretrain", phase_round=3, phase_keys=["a", "b"],
+                       phase_arrays=[rng.normal(size=(3, 2)).astype(np.float32), np.ones(4, np.float32)],
+                       foundation={"w": torch.ones(2)}, optimizer={"m_t": [np.zeros(2, np.float32)]},
+                       ledger_json=PrivacyLedger(1e-5).to_json(), phases_done=[])
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
+    cfg = load_config("demo-cpu", [f"output.dir={tmp_path}"])
+    state = _state()
+    path = save_state(tmp_path, state, cfg)
+    loaded = load_state(tmp_path, cfg)
+    assert weights_hash(loaded.phase_arrays) == weights_hash(state.phase_arrays)
+    assert loaded.global_round == 3 and torch.equal(loaded.foundation["w"], torch.ones(2))
+    # Another run's config is refused ...
+    with pytest.raises(ResumeError, match="another config"):
+        load_state(tmp_path, load_config("demo-cpu", ["ssl.lr=0.5"]))
+    # ... and so is a truncated file.
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(ResumeError, match="damaged"):
+        load_state(tmp_path, cfg)
+    with pytest.raises(ResumeError, match="no checkpoint"):
+        load_state(tmp_path / "elsewhere", cfg)
+
+
+def test_server_optimizer_state_is_restored() -> None:
+    cfg = load_config("demo-cpu", ["federation.min_sites=2", "federation.aggregator=fedadam"])
+    inner = build_aggregator(cfg, GLOBAL, lambda items: {}, evaluate=False)
+    replies = [(_Proxy(1), _fit_res([a + 1 for a in GLOBAL], 0)), (_Proxy(2), _fit_res([a + 2 for a in GLOBAL], 1))]
+    first, _ = inner.aggregate_fit(1, replies, [])
+    saved = optimizer_state(inner)
+    assert set(saved) == {"m_t", "v_t"}
+    fresh = build_aggregator(cfg, GLOBAL, lambda items: {}, evaluate=False)
+    restore_optimizer_state(fresh, saved, parameters_to_ndarrays(first))
+    a, _ = inner.aggregate_fit(2, replies, [])
+    b, _ = fresh.aggregate_fit(2, replies, [])
+    assert all(np.allclose(x, y) for x, y in zip(parameters_to_ndarrays(a), parameters_to_ndarrays(b)))
+
+
+def test_node_guard_refuses_weak_secagg_and_contradictory_unmask() -> None:
+    policy = NodePolicy(min_secagg_threshold=3, min_secagg_shares=4)
+    with pytest.raises(NodePolicyError, match="below this node's policy"):
+        check_secagg_request({"stage": "setup", "threshold": 2, "share_num": 4}, policy)
+    check_secagg_request({"stage": "setup", "threshold": 3, "share_num": 4}, policy)
+    with pytest.raises(NodePolicyError, match="both as active and as dropped"):
+        check_secagg_request({"stage": "unmask", "active_nids": [1, 2], "dead_nids": [2]}, policy)
+    check_secagg_request({"stage": "unmask", "active_nids": [1, 2], "dead_nids": [3]}, policy)
