@@ -79,6 +79,73 @@ def ingest(
     console.print(f"summary written to {out / 'ingest-summary.json'}", highlight=False)
 
 
+@app.command()
+def finetune(
+    task: Annotated[str, typer.Option("--task", help="Task name, e.g. sax_seg, view, landmarks, "
+                                      "disease (see shared_model.tasks)")],
+    model: Annotated[Path, typer.Option("--model", help="Model bundle: a release folder or a "
+                                        "run folder with config.yaml and encoder.safetensors")],
+    store: Annotated[Path, typer.Option("--store", help="This node's store (from ingest)")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the fine-tuned bundle")],
+    label_budget: Annotated[int, typer.Option(
+        help="Labelled subjects to train on (0: all not held out)", min=0)] = 0,
+    test_fraction: Annotated[float, typer.Option(
+        help="Share of labelled subjects held out for evaluation", min=0.01, max=0.99)] = 0.3,
+    config: Annotated[str, typer.Option("--config", help="Preset for tasks.* settings")] = "demo-cpu",
+    overrides: Overrides = None,
+) -> None:
+    """Fine-tune a task on this node's labelled data; evaluate on held-out subjects.
+
+    Resumes from OUT/checkpoint.safetensors if a previous session was interrupted.
+    """
+    from rich.console import Console
+
+    from client.finetune import finetune_on_store
+
+    with user_errors(), _task_errors():
+        cfg = load_cli_config(config, overrides)
+        report = finetune_on_store(task, model, store, out, cfg, label_budget, test_fraction)
+    console = Console()
+    console.print(f"{task}: trained on {report.train_samples} samples from "
+                  f"{report.train_subjects} subjects, tested on {report.test_samples} samples "
+                  f"from {report.test_subjects} subjects", highlight=False)
+    for key, value in sorted(report.metrics.items()):
+        console.print(f"  {key:28s} {value:.4f}", highlight=False)
+    if report.epsilon:
+        console.print(f"  sample-level DP epsilon      {report.epsilon:.3f}", highlight=False)
+    console.print(f"bundle written to {out}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    task: Annotated[str, typer.Option("--task", help="Task name (the bundle must hold it)")],
+    model: Annotated[Path, typer.Option("--model", help="Bundle with tasks/<task>.safetensors")],
+    store: Annotated[Path, typer.Argument(help="Store to predict on (from ingest)")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions")] = Path("predictions"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Predict a task for every matching series: masks as NIfTI, the rest as JSON and CSV."""
+    from rich.console import Console
+
+    from client.finetune import predict_on_store
+
+    with user_errors(), _task_errors():
+        counts = predict_on_store(task, model, store, out, device)
+    Console().print(f"{task}: {counts['series']} series predicted; written to {out}",
+                    highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _task_errors() -> Iterator[None]:
+    """Unknown tasks and stores without labels for the task: one line, exit 2."""
+    try:
+        yield
+    except (KeyError, ValueError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        error_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+
+
 @contextlib.contextmanager
 def _intake_errors() -> Iterator[None]:
     """Argument problems the intake finds (source inside the store, damaged label CSV): exit 2."""

@@ -154,7 +154,9 @@ def predict_on_store(task_name: str, bundle_path: Path, store_path: Path, out: P
             continue
         counts["series"] += 1
         if task.kind == TaskKind.segmentation:
-            counts["frames"] += _write_mask(model, task, series, size, device, out, store.manifest.spacing_mm)
+            slice_mm = float(store.manifest.series[series.key].info.get("slice_spacing_mm", 1.0))
+            counts["frames"] += _write_mask(model, task, series, size, device, out,
+                                            (store.manifest.spacing_mm, slice_mm))
         elif task.kind == TaskKind.landmarks:
             rows += _landmark_rows(model, task, series, size, device)
         else:
@@ -182,7 +184,9 @@ def _frames(series: SeriesData, size: int) -> tuple[torch.Tensor, list[tuple[int
 
 
 def _write_mask(model: torch.nn.Module, task: Task, series: SeriesData, size: int,
-                device: torch.device, out: Path, spacing_mm: float) -> int:
+                device: torch.device, out: Path, spacing_mm: tuple[float, float]) -> int:
+    """A NIfTI mask in the store's grid: (col, row, slice, phase), MASK_VALUES; the affine
+    scales by the store's in-plane spacing and the stack's slice spacing (mm)."""
     inputs, index = _frames(series, size)
     labels = predict_all(model, task, inputs, device)  # (N, size, size) task class indices
     store_size = series.images.shape[-1]
@@ -193,7 +197,8 @@ def _write_mask(model: torch.nn.Module, task: Task, series: SeriesData, size: in
         values[i] = mask_values[0]
     volume = values[full].reshape(series.images.shape)  # (S, T, H, W) in MASK_VALUES
     data = np.ascontiguousarray(volume.transpose(3, 2, 0, 1))  # NIfTI order: col, row, slice, phase
-    image = nib.Nifti1Image(data, np.diag([spacing_mm, spacing_mm, 1.0, 1.0]))
+    in_plane, between = spacing_mm
+    image = nib.Nifti1Image(data, np.diag([in_plane, in_plane, between, 1.0]))
     payload = gzip.compress(image.to_bytes(), mtime=0)
     atomic_write_bytes(out / "masks" / f"{series.key}.nii.gz", payload)
     return len(index)

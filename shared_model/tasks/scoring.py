@@ -9,6 +9,7 @@ with a cross-entropy against a Gaussian around each point, decoded with a local 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -120,8 +121,10 @@ def segmentation_metrics(task: SegmentationTask, pred: torch.Tensor, target: tor
         t = torch.isin(target, ids).float()[:, None]
         dice = compute_dice(p, t, include_background=True, ignore_empty=True)[:, 0]
         both = (p.flatten(1).sum(1) > 0) & (t.flatten(1).sum(1) > 0)
-        hd = compute_hausdorff_distance(p[both], t[both], include_background=True, percentile=95,
-                                        spacing=spacing_mm)[:, 0] if both.any() else torch.empty(0)
+        with warnings.catch_warnings():  # MONAI 1.6 deprecation notice inside its own code
+            warnings.simplefilter("ignore", FutureWarning)
+            hd = compute_hausdorff_distance(p[both], t[both], include_background=True, percentile=95,
+                                            spacing=spacing_mm)[:, 0] if both.any() else torch.empty(0)
         metrics[f"dice_{name}"] = float(torch.nanmean(dice)) if len(dice) else math.nan
         metrics[f"hd95_mm_{name}"] = float(torch.nanmean(hd)) if len(hd) else math.nan
         dices.append(metrics[f"dice_{name}"])

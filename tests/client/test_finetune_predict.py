@@ -93,3 +93,23 @@ def test_predict_without_a_head_says_how_to_get_one(tmp_path: Path, labelled_sto
 
     with pytest.raises(BundleError, match="fedcmr-client finetune --task sax_seg"):
         predict_on_store("sax_seg", base_bundle, labelled_store, tmp_path / "pred", "cpu")
+
+
+def test_cli_finetune_and_predict(tmp_path: Path, labelled_store: Path, base_bundle: Path) -> None:
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["finetune", "--task", "sax_seg", "--model", str(base_bundle), "--store",
+                                 str(labelled_store), "--out", str(tmp_path / "ft"), "--label-budget", "2",
+                                 "tasks.steps=1", "tasks.batch_size=2", "device=cpu"])
+    assert result.exit_code == 0, result.output
+    assert "dice_lv_blood" in result.output and "bundle written to" in result.output
+    result = runner.invoke(app, ["predict", "--task", "sax_seg", "--model", str(tmp_path / "ft"),
+                                 str(labelled_store), "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "pred" / "masks").glob("*.nii.gz"))) == 4
+    bad = runner.invoke(app, ["finetune", "--task", "no_such_task", "--model", str(base_bundle), "--store",
+                              str(labelled_store), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown task" in bad.output
