@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client import Client
@@ -68,6 +69,7 @@ class NodeSettings:
     device: str = "auto"
     site_index: int = 0
     policy: NodePolicy = NodePolicy()
+    threads: int = 0  # CPU threads for torch (0: torch's default, all cores)
 
 
 def _policy(node: dict) -> NodePolicy:
@@ -85,11 +87,12 @@ def node_settings_from_context(context: Context) -> NodeSettings:
     node = dict(context.node_config)
     if "store" in node:
         return NodeSettings(store=Path(str(node["store"])), device=str(node.get("device", "auto")),
-                            site_index=int(node.get("site-index", 0)), policy=_policy(node))
+                            site_index=int(node.get("site-index", 0)), policy=_policy(node),
+                            threads=int(node.get("threads", 0)))
     if "partition-id" in node and "sim-root" in context.run_config:
         index = int(node["partition-id"])
         return NodeSettings(store=Path(str(context.run_config["sim-root"])) / f"site-{index}" / "store",
-                            site_index=index, policy=_policy(node))
+                            site_index=index, policy=_policy(node), threads=1)
     raise NodeConfigError("node_config has no 'store'; start the SuperNode with "
                           "--node-config \"store='/path/to/fedcmr-store'\"")
 
@@ -170,6 +173,8 @@ def build_client_app(settings_fn: Callable[[Context], NodeSettings] = node_setti
 
     def client_fn(context: Context) -> Client:
         settings = settings_fn(context)
+        if settings.threads > 0:
+            torch.set_num_threads(settings.threads)
         return FedCMRClient(settings.store, settings.device, settings.site_index, context).to_client()
 
     def guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:

@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import NumPyClient
 
-from client.finetune import series_from_store, split_subjects
+from client.finetune import held_out, series_from_store
 from client.protocol import (
     FINETUNE,
     PHASE_KEY,
@@ -49,6 +49,7 @@ from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_
 STATE_TEACHER = "fedcmr.dino_teacher"
 STATE_HEAD = "fedcmr.head."
 STATE_DP = "fedcmr.dp"
+STATE_SSL_HEAD = "fedcmr.ssl_head"
 
 
 class BudgetError(RuntimeError):
@@ -74,13 +75,46 @@ def initial_task_model(plan: FedCMRConfig, task: Task) -> torch.nn.Module:
     return build_task_model(task, build_encoder(plan.model.preset))
 
 
-def split_task_data(data: TaskData, plan: FedCMRConfig) -> tuple[TaskData, TaskData]:
-    """Train/test by whole subjects, the same split every round (seeded by the plan)."""
-    train_ids, test_ids = split_subjects(data.subjects, plan.tasks.label_budget,
-                                         plan.tasks.test_fraction, plan.seed)
+def task_series(store: LocalStore, task: Task) -> list[str]:
+    """Keys of the store's series a task can use, so only those arrays are loaded."""
+    sequences, views = getattr(task, "sequences", ()), getattr(task, "views", ())
+    keys = []
+    for key, record in store.manifest.series.items():
+        if sequences and record.classes.get("sequence", record.sequence) not in sequences:
+            continue
+        if views and record.classes.get("view", record.view) not in views:
+            continue
+        keys.append(key)
+    return keys
+
+
+def store_holdout(store: LocalStore, plan: FedCMRConfig) -> list[str]:
+    """This node's evaluation-only subjects: fixed by ``tasks.split_seed``, the same for every
+    phase, task and seed, and never used for pretraining or fine-tuning."""
+    subjects = sorted({r.subject for r in store.manifest.series.values()})
+    return held_out(subjects, plan.tasks.test_fraction, plan.tasks.split_seed) if len(subjects) > 1 else []
+
+
+def split_task_data(data: TaskData, plan: FedCMRConfig, holdout: list[str]) -> tuple[TaskData, TaskData]:
+    """Train on at most ``tasks.label_budget`` labelled subjects outside the hold-out (drawn by
+    the plan's seed); test on the held-out subjects."""
+    pool = sorted(set(data.subjects) - set(holdout))
+    order = [pool[i] for i in torch.randperm(len(pool), generator=make_generator(plan.seed, "draw")).tolist()]
+    train_ids = set(order[:plan.tasks.label_budget] if plan.tasks.label_budget > 0 else order)
     train = data.subset([i for i, s in enumerate(data.subjects) if s in train_ids])
-    test = data.subset([i for i, s in enumerate(data.subjects) if s in test_ids])
+    test = data.subset([i for i, s in enumerate(data.subjects) if s in holdout])
     return train, test
+
+
+def ssl_frames(store: LocalStore, size: int, exclude: list[str]) -> torch.Tensor:
+    """Every frame of every series outside ``exclude`` as (N, 1, size, size) for pretraining."""
+    from shared_model.tasks.base import resize_frames
+
+    frames = [store.load(key).reshape(-1, store.manifest.crop_px, store.manifest.crop_px)
+              for key, record in sorted(store.manifest.series.items()) if record.subject not in exclude]
+    if not frames:
+        raise ValueError("no unlabelled frames left for pretraining after the hold-out")
+    return resize_frames(np.concatenate(frames), size)
 
 
 class FedCMRClient(NumPyClient):
@@ -114,7 +148,7 @@ class FedCMRClient(NumPyClient):
         plan = plan_from_config(config)
         task = get_task(str(config[TASK_KEY]))
         model = self._task_model(parameters, plan, task)
-        _, test = split_task_data(self._task_data(plan, task), plan)
+        _, test = self._split(plan, task)
         metrics = evaluate(model, task, test, self.device)
         return float(metrics.pop("loss", 0.0)), max(len(test), 1), outgoing_metrics(
             {**metrics, "site_index": self.site_index})
@@ -123,12 +157,17 @@ class FedCMRClient(NumPyClient):
 
     def _pretrain(self, parameters: list[np.ndarray], plan: FedCMRConfig, span: Span,
                   gen: torch.Generator, mu: float) -> tuple[list[np.ndarray], int, dict]:
+        torch.manual_seed(plan.seed)  # the server's initial weights, for whatever stays local
         model = build_ssl_model(plan)
-        keys = federated_keys(model)
-        load_into(model, arrays_to_state_dict(parameters, keys, model.state_dict()), "global weights")
+        local_head = plan.federation.ssl_head == HeadSharing.local
+        keys = federated_keys(model, local_head)
+        load_into(model, {**model.state_dict(), **arrays_to_state_dict(parameters, keys, model.state_dict())},
+                  "global weights")
+        self._restore_local(model, STATE_SSL_HEAD, "head.", local_head)
         self._restore_teacher(model, plan)
         model.to(self.device)
-        images = LocalStore.open(self.store_path).unlabeled_frames(get_preset(plan.model.preset).image_size)
+        store = LocalStore.open(self.store_path)
+        images = ssl_frames(store, get_preset(plan.model.preset).image_size, store_holdout(store, plan))
         optimizer = make_optimizer(model, plan.ssl.lr, plan.ssl.weight_decay)
         private = None
         if plan.privacy.mode == PrivacyMode.sample:
@@ -149,6 +188,8 @@ class FedCMRClient(NumPyClient):
             if private is not None:
                 private.close()
         self._keep_teacher(model, plan)
+        if local_head:
+            self._keep_local(model, STATE_SSL_HEAD, "head.")
         metrics = {**asdict(result), **result.stats, "num_images": len(images)}
         if private is not None:
             metrics.update(self._record_dp(private.accountant_state(), plan))
@@ -157,7 +198,7 @@ class FedCMRClient(NumPyClient):
     def _finetune(self, parameters: list[np.ndarray], plan: FedCMRConfig, task: Task, span: Span,
                   gen: torch.Generator, mu: float) -> tuple[list[np.ndarray], int, dict]:
         model = self._task_model(parameters, plan, task)
-        train, _ = split_task_data(self._task_data(plan, task), plan)
+        train, _ = self._split(plan, task)
         dp = self._dp_settings(plan) if plan.privacy.mode == PrivacyMode.sample else None
         if dp is not None:
             self._check_budget(plan, dp, min(1.0, plan.tasks.batch_size / max(len(train), 1)),
@@ -184,12 +225,13 @@ class FedCMRClient(NumPyClient):
             weight = min(weight, plan.federation.secagg.max_weight)
         return arrays, weight, outgoing_metrics({**metrics, "site_index": self.site_index})
 
-    def _task_data(self, plan: FedCMRConfig, task: Task) -> TaskData:
+    def _split(self, plan: FedCMRConfig, task: Task) -> tuple[TaskData, TaskData]:
         store = LocalStore.open(self.store_path)
-        data = task.build(series_from_store(store), get_preset(plan.model.preset).image_size)
+        data = task.build(series_from_store(store, task_series(store, task)),
+                          get_preset(plan.model.preset).image_size)
         if len(data) == 0:
             raise ValueError(f"this node has no labelled samples for task '{task.name}'")
-        return data
+        return split_task_data(data, plan, store_holdout(store, plan))
 
     def _task_model(self, parameters: list[np.ndarray], plan: FedCMRConfig, task: Task) -> torch.nn.Module:
         model = initial_task_model(plan, task)
@@ -200,6 +242,16 @@ class FedCMRClient(NumPyClient):
         if plan.federation.heads == HeadSharing.local and local_head is not None:
             load_into(model.head, local_head.to_torch_state_dict(), "local head")
         return model
+
+    def _restore_local(self, model: torch.nn.Module, key: str, prefix: str, enabled: bool) -> None:
+        """Weights this node keeps between rounds (seeded initial ones in the first round)."""
+        saved = self.context.state.array_records.get(key)
+        if enabled and saved is not None:
+            load_into(model, {**model.state_dict(), **saved.to_torch_state_dict()}, f"local {prefix}*")
+
+    def _keep_local(self, model: torch.nn.Module, key: str, prefix: str) -> None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(prefix)}
+        self.context.state.array_records[key] = ArrayRecord(torch_state_dict=state)
 
     def _restore_teacher(self, model: torch.nn.Module, plan: FedCMRConfig) -> None:
         """DINO local-EMA: continue this node's teacher; the first round starts it from the student."""

@@ -50,21 +50,29 @@ def series_from_store(store: LocalStore, keys: Sequence[str] | None = None) -> l
     return out
 
 
+def held_out(subjects: Sequence[str], test_fraction: float, split_seed: int) -> list[str]:
+    """The subjects kept for evaluation only: never pretrained on, never fine-tuned on."""
+    unique = sorted(set(subjects))
+    if len(unique) < 2:
+        raise ValueError(f"need data from at least 2 subjects to hold one out for testing; "
+                         f"there are {len(unique)}")
+    order = [unique[i] for i in torch.randperm(len(unique), generator=make_generator(split_seed, "holdout")).tolist()]
+    n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
+    return sorted(order[:n_test])
+
+
 def split_subjects(subjects: Sequence[str], label_budget: int, test_fraction: float,
-                   seed: int) -> tuple[list[str], list[str]]:
-    """(train, test): whole subjects, shuffled by ``seed``; at most ``label_budget`` for training.
+                   seed: int, split_seed: int | None = None) -> tuple[list[str], list[str]]:
+    """(train, test): whole subjects. The held-out test subjects depend on ``split_seed`` only
+    (default: ``seed``); ``seed`` draws at most ``label_budget`` training subjects from the rest.
 
     ``label_budget`` <= 0 means every subject not held out for testing.
     """
-    unique = sorted(set(subjects))
-    if len(unique) < 2:
-        raise ValueError(f"need labelled data from at least 2 subjects to hold one out for "
-                         f"testing; the store has {len(unique)}")
-    order = [unique[i] for i in torch.randperm(len(unique), generator=make_generator(seed, "split")).tolist()]
-    n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
-    test, rest = order[:n_test], order[n_test:]
-    train = rest[:label_budget] if label_budget > 0 else rest
-    return sorted(train), sorted(test)
+    test = held_out(subjects, test_fraction, seed if split_seed is None else split_seed)
+    rest = sorted(set(subjects) - set(test))
+    order = [rest[i] for i in torch.randperm(len(rest), generator=make_generator(seed, "draw")).tolist()]
+    train = order[:label_budget] if label_budget > 0 else order
+    return sorted(train), test
 
 
 @dataclass
@@ -91,7 +99,8 @@ def finetune_on_store(task_name: str, bundle_path: Path, store_path: Path, out: 
     if len(data) == 0:
         raise ValueError(f"{store_path}: no labelled samples for task '{task_name}'; "
                          "ingest with --labels or use another task")
-    train_ids, test_ids = split_subjects(data.subjects, label_budget, test_fraction, cfg.seed)
+    train_ids, test_ids = split_subjects(data.subjects, label_budget, test_fraction, cfg.seed,
+                                         cfg.tasks.split_seed)
     train = data.subset([i for i, s in enumerate(data.subjects) if s in train_ids])
     test = data.subset([i for i, s in enumerate(data.subjects) if s in test_ids])
     model = task_model_from_bundle(bundle, task)

@@ -13,6 +13,7 @@ atomically after each series, so an interrupted writer loses at most the series 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,16 +43,35 @@ def intensity_window(image: np.ndarray, low: float = 1.0,
     if flat.size == 0:
         return 0.0, 0.0
     # np.percentile's default (linear) rule without its overhead: the intake calls this for
-    # every frame it reads. numpy's vectorised sort beats a 4-way partition up to ~256k values.
-    positions = np.array([low, high], dtype=np.float64) / 100.0 * (flat.size - 1)
-    below = np.floor(positions).astype(np.int64)
-    above = np.minimum(below + 1, flat.size - 1)
-    if flat.size <= 1 << 18:
-        part = np.sort(flat)
-    else:
-        part = np.partition(flat, np.unique(np.concatenate([below, above])))
-    values = part[below] + (part[above] - part[below]) * (positions - below)
-    return float(values[0]), float(values[1])
+    # every frame it reads. Same float32 differences and float64 products as numpy's.
+    windows = []
+    for percent in (low, high):
+        position = percent / 100.0 * (flat.size - 1)
+        below = math.floor(position)
+        windows.append((below, min(below + 1, flat.size - 1), position - below))
+    (b0, a0, f0), (b1, a1, f1) = windows
+    v = _order_statistics(flat, (b0, a0, b1, a1))
+    return (float(v[0]) + float(v[1] - v[0]) * f0, float(v[2]) + float(v[3] - v[2]) * f1)
+
+
+def _order_statistics(flat: np.ndarray, ranks: tuple[int, int, int, int]) -> list[np.float32]:
+    """The values of rank r0 <= r1 <= r2 <= r3 in ``flat`` (r1 - r0 and r3 - r2 at most 1).
+
+    Two single-rank partitions (~70 us for a 128 x 128 frame) where a sort costs ~150 us and
+    numpy's multi-rank partition more; a sort for tiny inputs or where a value is not finite
+    (NaN sorts last there; a min or max over the partitions would return it instead).
+    """
+    r0, r1, r2, r3 = ranks
+    if flat.size >= 64 and r1 < r2:
+        part = np.partition(flat, r1)
+        upper = np.partition(part[r1 + 1:], r2 - r1 - 1)  # the values of rank > r1
+        k = r2 - r1 - 1
+        ordered = [part[:r1].max() if r0 < r1 else part[r1], part[r1],
+                   upper[k], upper[k + 1:].min() if r3 > r2 else upper[k]]
+        if math.isfinite(ordered[0]) and math.isfinite(ordered[3]):
+            return ordered
+    part = np.sort(flat)
+    return [part[r] for r in ranks]
 
 
 def normalise_intensity(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -212,6 +232,21 @@ class LocalStore:
         self.manifest.series[record.key] = record
         self.save_manifest()
         return record
+
+    def remove_series(self, key: str) -> bool:
+        """Forget a series and delete its files; True when it was there.
+
+        The manifest stops naming the files before they are deleted, so a crash in between
+        leaves orphan files, never a manifest entry without its data.
+        """
+        record = self.manifest.series.pop(key, None)
+        if record is None:
+            return False
+        self.save_manifest()
+        for relative in (record.array, record.mask):
+            if relative:
+                (self.root / relative).unlink(missing_ok=True)
+        return True
 
     def set_subject_labels(self, subject: str, labels: dict[str, str]) -> None:
         self.manifest.subjects.setdefault(subject, {}).update(labels)

@@ -35,14 +35,22 @@ from server.workflows import timed_evaluate_workflow, timed_fit_workflow
 from shared_model.config import (
     ConfigError,
     FedCMRConfig,
+    HeadSharing,
     load_config,
     save_resolved_config,
     secagg_enabled,
+    with_overrides,
 )
 from shared_model.files import atomic_write_text
 from shared_model.ssl import build_ssl_model, federated_keys
 from shared_model.tasks import get_task
-from shared_model.weights import arrays_to_state_dict, select_prefix, state_dict_to_arrays
+from shared_model.weights import (
+    arrays_to_state_dict,
+    load_into,
+    load_safetensors,
+    select_prefix,
+    state_dict_to_arrays,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +65,25 @@ def config_from_run_config(run_config: dict[str, object]) -> FedCMRConfig:
     return load_config(str(run_config.get("preset", "demo-cpu")), overrides)
 
 
-def plan_phases(cfg: FedCMRConfig) -> list[tuple[str, str, int]]:
-    """(phase, task, rounds) in the order they run."""
-    phases = [(PRETRAIN, "", cfg.federation.rounds)] if cfg.federation.rounds > 0 else []
+@dataclass(frozen=True)
+class PhaseSpec:
+    """One phase: its kind, task, length and unique label; optional plan overrides (e.g. another
+    seed or label budget) and an encoder to start from instead of the run's own foundation."""
+
+    name: str  # PRETRAIN | FINETUNE
+    task: str
+    rounds: int
+    label: str
+    overrides: tuple[str, ...] = ()
+    init_encoder: str = ""  # a safetensors file of encoder weights; "" = the run's foundation
+
+
+def plan_phases(cfg: FedCMRConfig) -> list[PhaseSpec]:
+    """The default plan: pretraining, then one fine-tuning phase per task in tasks.names."""
+    phases = [PhaseSpec(PRETRAIN, "", cfg.federation.rounds, PRETRAIN)] if cfg.federation.rounds > 0 else []
     if cfg.federation.finetune_rounds > 0:
-        phases += [(FINETUNE, task, cfg.federation.finetune_rounds) for task in cfg.tasks.names]
+        phases += [PhaseSpec(FINETUNE, task, cfg.federation.finetune_rounds, f"{FINETUNE}:{task}")
+                   for task in cfg.tasks.names]
     return phases
 
 
@@ -72,7 +94,8 @@ class Outcome:
     detail: str = ""
 
 
-def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig) -> Outcome:
+def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig,
+                   phases: list[PhaseSpec] | None = None, release: bool = True) -> Outcome:
     if cfg.federation.min_sites is None:
         raise ConfigError("key 'federation.min_sites': a deployment must say how many sites a "
                           "round waits for, e.g. federation.min_sites=3")
@@ -84,19 +107,19 @@ def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig) -> Outcome:
               else PrivacyLedger(cfg.privacy.delta, cfg.privacy.accountant))
     metrics = MetricsLog(run_dir, resume=cfg.output.resume)
     metrics.truncate_after(state.global_round)
-    phases = plan_phases(cfg)
-    progress = RunProgress(sum(r for _, _, r in phases), state.global_round)
-    log.info("federation: %s; SecAgg+ %s; privacy %s", ", ".join(f"{p}{':' + t if t else ''} x{r}"
-             for p, t, r in phases), "on" if secagg_enabled(cfg) else "off", cfg.privacy.mode.value)
+    phases = plan_phases(cfg) if phases is None else phases
+    progress = RunProgress(sum(p.rounds for p in phases), state.global_round)
+    log.info("federation: %d phases, %d rounds; SecAgg+ %s; privacy %s", len(phases),
+             sum(p.rounds for p in phases), "on" if secagg_enabled(cfg) else "off",
+             cfg.privacy.mode.value)
     try:
-        for name, task, rounds in phases:
-            label = name if not task else f"{name}:{task}"
-            if label not in state.phases_done:
-                run_phase(grid, context, cfg, PhaseInfo(name, task, rounds,
-                          state.phase_round if state.phase == label else 0, state.global_round),
-                          state, ledger, metrics, progress)
-        release = write_release(run_dir, cfg, state, ledger, metrics.records)
-        return _finish(run_dir, Outcome(run_dir, "released", str(release)))
+        for spec in phases:
+            if spec.label not in state.phases_done:
+                run_phase(grid, context, cfg, spec, state, ledger, metrics, progress)
+        if not release:
+            return _finish(run_dir, Outcome(run_dir, "finished"))
+        bundle = write_release(run_dir, cfg, state, ledger, metrics.records)
+        return _finish(run_dir, Outcome(run_dir, "released", str(bundle)))
     except RunPaused as exc:
         return _finish(run_dir, Outcome(run_dir, "paused", str(exc)))
     except BudgetExceeded as exc:
@@ -113,14 +136,16 @@ def _finish(run_dir: Path, outcome: Outcome) -> Outcome:
     return outcome
 
 
-def phase_model(cfg: FedCMRConfig, phase: PhaseInfo, state: ServerState) -> tuple[torch.nn.Module, list[str]]:
+def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple[torch.nn.Module, list[str]]:
     """The model a phase trains, at its starting point, and its federated keys."""
-    if phase.name == PRETRAIN:
+    if spec.name == PRETRAIN:
         torch.manual_seed(cfg.seed)
         model = build_ssl_model(cfg)
-        return model, federated_keys(model)
-    model = initial_task_model(cfg, get_task(phase.task))
-    if state.foundation:  # start from the federated foundation encoder
+        return model, federated_keys(model, cfg.federation.ssl_head == HeadSharing.local)
+    model = initial_task_model(cfg, get_task(spec.task))
+    if spec.init_encoder:
+        load_into(model.encoder, load_safetensors(spec.init_encoder)[0], spec.init_encoder)
+    elif state.foundation:  # start from the federated foundation encoder
         model.encoder.load_state_dict(state.foundation)
     return model, task_keys(model, cfg)
 
@@ -139,9 +164,12 @@ def build_workflow(cfg: FedCMRConfig) -> DefaultWorkflow:
     return DefaultWorkflow(fit_workflow=fit, evaluate_workflow=timed_evaluate_workflow(timeout))
 
 
-def run_phase(grid: Grid, context: Context, cfg: FedCMRConfig, phase: PhaseInfo, state: ServerState,
+def run_phase(grid: Grid, context: Context, run_cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState,
               ledger: PrivacyLedger, metrics: MetricsLog, progress: RunProgress) -> None:
-    model, keys = phase_model(cfg, phase, state)
+    cfg = with_overrides(run_cfg, spec.overrides, f"phase {spec.label}") if spec.overrides else run_cfg
+    phase = PhaseInfo(spec.name, spec.task, spec.rounds, spec.label,
+                      state.phase_round if state.phase == spec.label else 0, state.global_round)
+    model, keys = phase_model(cfg, spec, state)
     reference = {k: v.detach().float() for k, v in model.state_dict().items() if k in keys}
     resuming = phase.done_before > 0
     initial = state.phase_arrays if resuming else state_dict_to_arrays(reference, keys)
@@ -154,7 +182,7 @@ def run_phase(grid: Grid, context: Context, cfg: FedCMRConfig, phase: PhaseInfo,
         state.phase_round = global_round - phase.global_before + phase.done_before
         state.phase_keys, state.phase_arrays = keys, arrays
         state.optimizer, state.ledger_json = optimizer_state(inner), ledger.to_json()
-        save_state(Path(cfg.output.dir), state, cfg)
+        save_state(Path(cfg.output.dir), state, run_cfg)
         progress.advance(phase.label, state.phase_round, phase.rounds, metrics.records[-1])
         if cfg.output.stop_after_round is not None and global_round >= cfg.output.stop_after_round:
             return RunPaused(f"paused after round {global_round}; continue with output.resume=true")
@@ -171,7 +199,7 @@ def run_phase(grid: Grid, context: Context, cfg: FedCMRConfig, phase: PhaseInfo,
     final = arrays_to_state_dict(strategy.current, keys, reference)
     model.load_state_dict({**model.state_dict(), **final})
     _finish_phase(phase, model, state)
-    save_state(Path(cfg.output.dir), state, cfg)
+    save_state(Path(cfg.output.dir), state, run_cfg)
 
 
 def _finish_phase(phase: PhaseInfo, model: torch.nn.Module, state: ServerState) -> None:
@@ -179,20 +207,22 @@ def _finish_phase(phase: PhaseInfo, model: torch.nn.Module, state: ServerState) 
     if phase.name == PRETRAIN:
         state.foundation = select_prefix(weights, "encoder.")
     else:
-        state.tasks[phase.task] = {k: v for k, v in weights.items()
-                                   if k.startswith(("encoder.", "head."))}
+        key = phase.task if phase.label == f"{FINETUNE}:{phase.task}" else phase.label
+        state.tasks[key] = {k: v for k, v in weights.items() if k.startswith(("encoder.", "head."))}
     state.phases_done.append(phase.label)
     state.phase, state.phase_round = "", 0
 
 
-def build_server_app(cfg: FedCMRConfig | None = None) -> ServerApp:
-    """A ServerApp for ``cfg``; without one it reads Flower's run_config (``flwr run``)."""
+def build_server_app(cfg: FedCMRConfig | None = None, phases: list[PhaseSpec] | None = None,
+                     release: bool = True) -> ServerApp:
+    """A ServerApp for ``cfg`` (and an explicit phase plan); without ``cfg`` it reads Flower's
+    run_config (``flwr run``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
-        run_federation(grid, context, run_cfg)
+        run_federation(grid, context, run_cfg, phases, release)
 
     return app
 

@@ -70,12 +70,9 @@ class PhaseInfo:
     name: str  # "pretrain" or "finetune"
     task: str  # "" for pretraining
     rounds: int  # rounds in this phase
+    label: str  # unique name of the phase in the run
     done_before: int  # rounds of this phase completed before this run of it (resume)
     global_before: int  # global rounds completed before this run of the phase
-
-    @property
-    def label(self) -> str:
-        return self.name if not self.task else f"{self.name}:{self.task}"
 
 
 def site_name(proxy: ClientProxy, metrics: dict[str, Scalar]) -> str:

@@ -23,11 +23,12 @@ def user_errors() -> Iterator[None]:
     from shared_model.checkpoint import CheckpointError
     from shared_model.privacy import PrivacyError
     from shared_model.weights import WeightsError
+    from sim.scenario import ScenarioError
 
     try:
         yield
     except (ConfigError, StoreError, WeightsError, BundleError, CheckpointError, ResumeError,
-            PrivacyError, FileNotFoundError) as exc:
+            PrivacyError, ScenarioError, FileNotFoundError) as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)
 

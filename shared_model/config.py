@@ -167,6 +167,8 @@ class TasksConfig:
     augment: bool = True
     label_budget: int = 0  # labelled subjects per site used for training (0: all)
     test_fraction: float = 0.3  # subjects per site held out for evaluation
+    split_seed: int = 0  # which subjects are held out (fixed across seeds; the seed draws
+    #                      the labelled training subjects)
 
 
 @dataclass
@@ -205,7 +207,8 @@ class FederationConfig:
     adam_lr: float = 1.0e-3  # fedadam (eta)
     trim_fraction: float = 0.2  # trimmed_mean: share cut at each end
     krum_byzantine: int = 1  # krum: sites assumed faulty
-    heads: HeadSharing = HeadSharing.aggregated
+    heads: HeadSharing = HeadSharing.aggregated  # task heads in fine-tuning
+    ssl_head: HeadSharing = HeadSharing.aggregated  # the SSL head (MAE decoder, DINO head)
     round_timeout_s: float = 600.0
     # Update validation (without SecAgg+): a site's update is excluded when the L2 norm of
     # (its weights - the global weights) exceeds this, or its example count is out of range.
@@ -231,12 +234,38 @@ class PrivacyConfig:
 
 
 @dataclass
-class SimConfig:
-    """Simulated federation (fedcmr-sim)."""
+class FederatedArm:
+    """One federated pretraining variant of a simulation scenario."""
 
-    sites: int = 2
-    images_per_site: int = 96
+    name: str = "fed-mae"
+    method: SSLMethod = SSLMethod.mae
+    secagg: SecAggMode = SecAggMode.auto
+    privacy: PrivacyMode = PrivacyMode.none
+    noise_multiplier: float = 1.0
+    teacher: TeacherMode = TeacherMode.local_ema
+
+
+@dataclass
+class SimConfig:
+    """A simulated federation (fedcmr-sim): its sites, arms, label budgets and seeds."""
+
+    sites: int = 2  # synthetic sites (a synthetic multi-site cohort, written as DICOM)
+    subjects_per_site: int = 3  # mean; sites differ in size
+    cine_phases: Optional[int] = None  # shrink the cohort's cine series (None: each site's own)
+    max_sax_slices: Optional[int] = None
+    # Real data folders, one site each, as "<format>:<path>[:<labels path>]" with format
+    # dicom | sunnybrook | acdc | mnms, e.g. "sunnybrook:../shared/data/sunnybrook".
+    real_sites: list[str] = field(default_factory=list)
     cpus_per_site: float = 1.0  # Ray CPUs per simulated ClientApp
+    federated_arms: list[FederatedArm] = field(default_factory=lambda: [FederatedArm()])
+    baselines: list[str] = field(default_factory=lambda: ["local", "central", "scratch"])
+    label_budgets: list[int] = field(default_factory=lambda: [1])  # 0: all labelled subjects
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Federated fine-tuning (besides local) for these arms; [] = the first federated arm and
+    # scratch.
+    federated_finetune_arms: list[str] = field(default_factory=list)
+    federated_finetune: bool = True
+    overlays: bool = True
 
 
 @dataclass
@@ -350,6 +379,14 @@ def config_from_yaml(text: str, source: str) -> FedCMRConfig:
     return cfg
 
 
+def with_overrides(cfg: FedCMRConfig, overrides: Sequence[str], source: str = "override") -> FedCMRConfig:
+    """A copy of ``cfg`` with ``key=value`` overrides applied and validated."""
+    merged = _merge(OmegaConf.structured(cfg), _parse_overrides(overrides), source)
+    out: FedCMRConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate_config(out)
+    return out
+
+
 def config_to_yaml(cfg: FedCMRConfig) -> str:
     """The resolved config as YAML text; :func:`config_from_yaml` reads it back."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -398,11 +435,25 @@ def validate_config(cfg: FedCMRConfig) -> None:
     _require(0 < cfg.federation.fraction_fit <= 1, "federation.fraction_fit", "must lie in (0, 1]")
     _require(cfg.data.spacing_mm > 0, "data.spacing_mm", "must be > 0")
     _require(cfg.data.crop_px >= 16, "data.crop_px", "must be >= 16")
-    _require(cfg.sim.sites >= 1, "sim.sites", "must be >= 1")
-    _require(cfg.sim.images_per_site >= 1, "sim.images_per_site", "must be >= 1")
+    _require(cfg.sim.sites >= 0, "sim.sites", "must be >= 0")
+    _require(cfg.sim.sites + len(cfg.sim.real_sites) >= 1, "sim.sites",
+             "a scenario needs at least one site (synthetic or in sim.real_sites)")
+    _require(cfg.sim.subjects_per_site >= 1, "sim.subjects_per_site", "must be >= 1")
     _require(cfg.sim.cpus_per_site > 0, "sim.cpus_per_site", "must be > 0")
+    _require(all(b >= 0 for b in cfg.sim.label_budgets) and cfg.sim.label_budgets,
+             "sim.label_budgets", "must be a non-empty list of counts >= 0 (0: all)")
+    _require(bool(cfg.sim.seeds), "sim.seeds", "must name at least one seed")
+    unknown_baselines = set(cfg.sim.baselines) - {"local", "central", "scratch"}
+    _require(not unknown_baselines, "sim.baselines",
+             f"unknown {sorted(unknown_baselines)}; choose from local, central, scratch")
+    for entry in cfg.sim.real_sites:
+        _require(entry.split(":", 1)[0] in ("dicom", "sunnybrook", "acdc", "mnms") and ":" in entry,
+                 "sim.real_sites", f"'{entry}' is not <format>:<path> with format dicom, "
+                 "sunnybrook, acdc or mnms")
     sa = cfg.federation.secagg
     _require(sa.clipping_range > 0, "federation.secagg.clipping_range", "must be > 0")
+    _require(sa.num_shares >= 3, "federation.secagg.num_shares",
+             "must be >= 3 (Flower's SecAgg+ needs it; SecAgg+ needs at least 3 sites)")
     _require(2 <= sa.reconstruction_threshold <= sa.num_shares,
              "federation.secagg.reconstruction_threshold",
              "must satisfy 2 <= threshold <= num_shares")

@@ -20,8 +20,8 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(
     help="Config overrides as key=value, e.g. federation.rounds=3 sim.sites=3")]
 
 
-def _run_scenario(preset: str | Path, out: Path, overrides: list[str] | None,
-                  resume: bool = False) -> None:
+def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume: bool,
+              images_per_site: int) -> None:
     from server.metrics import METRICS_CSV, METRICS_JSON
     from shared_model.config import RESOLVED_CONFIG_NAME
     from sim.runner import run_federation
@@ -37,22 +37,18 @@ def _run_scenario(preset: str | Path, out: Path, overrides: list[str] | None,
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     sites_root = out / "sites"
-    with console.status(f"preparing {cfg.sim.sites} simulated sites"):
-        for index in range(cfg.sim.sites):
-            spec = site_spec(index, cfg.data.spacing_mm, cfg.data.crop_px)
-            write_site_frames(sites_root / f"site-{index}" / "store", spec,
-                              cfg.sim.images_per_site, cfg.seed)
-    console.print(f"sites ready in {time.perf_counter() - start:.1f} s; federating on Flower's "
-                  "simulation engine")
+    for index in range(cfg.sim.sites):
+        spec = site_spec(index, cfg.data.spacing_mm, cfg.data.crop_px)
+        write_site_frames(sites_root / f"site-{index}" / "store", spec, images_per_site, cfg.seed)
     status = run_federation(cfg, sites_root)
     elapsed = time.perf_counter() - start
     if status["status"] != "released":
-        console.print(f"FedCMR simulation {status['status']} after {elapsed:.0f} s: "
-                      f"{status['detail']}", soft_wrap=True, highlight=False)
+        console.print(f"federation {status['status']} after {elapsed:.0f} s: {status['detail']}",
+                      soft_wrap=True, highlight=False)
         if status["status"] == "stopped":
             raise typer.Exit(1)
         return
-    console.print(f"FedCMR simulation finished in {elapsed:.0f} s; outputs:")
+    console.print(f"federation finished in {elapsed:.0f} s; outputs:")
     for name, path in (("resolved config", out / RESOLVED_CONFIG_NAME),
                        ("release (encoder, tasks, model card)", Path(status["detail"])),
                        ("per-round metrics", out / METRICS_JSON),
@@ -61,23 +57,49 @@ def _run_scenario(preset: str | Path, out: Path, overrides: list[str] | None,
         console.print(f"  {name:38s} {path}", soft_wrap=True, highlight=False)
 
 
+def _scenario(preset: str | Path, out: Path, overrides: list[str] | None) -> None:
+    from sim.scenario import RESULTS_FILE, run_scenario
+
+    cfg = load_cli_config(preset, overrides, out=out)
+    start = time.perf_counter()
+    report = run_scenario(cfg, out)
+    console.print(f"scenario finished in {time.perf_counter() - start:.0f} s; outputs:")
+    for name, path in (("report", report), ("report (HTML)", report.with_suffix(".html")),
+                       ("results", out / RESULTS_FILE), ("plots", out / "plots"),
+                       ("resolved config", out / "config.yaml")):
+        console.print(f"  {name:16s} {path}", soft_wrap=True, highlight=False)
+
+
 @app.command()
 def demo(out: Annotated[Path, typer.Option("--out", help="Run folder to write into")] = Path("runs/demo"),
          overrides: Overrides = None) -> None:
-    """Run the small default scenario (demo-cpu preset) end to end."""
+    """Run the small default scenario (demo-cpu preset) end to end and write its report."""
     with user_errors():
-        _run_scenario("demo-cpu", out, overrides)
+        _scenario("demo-cpu", out, overrides)
 
 
 @app.command()
-def run(config: Annotated[str, typer.Argument(help="Preset name from configs/ or a YAML path")],
+def run(config: Annotated[str, typer.Argument(help="Scenario preset from configs/ or a YAML path")],
         out: Annotated[Path, typer.Option("--out", help="Run folder to write into")],
-        overrides: Overrides = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from "
-                                             "its checkpoint at the next round")] = False) -> None:
-    """Run the scenario described by CONFIG."""
+        overrides: Overrides = None) -> None:
+    """Run the scenario described by CONFIG: cohort, intake, pretraining arms, few-shot
+    fine-tuning, results.json and report.md."""
     with user_errors():
-        _run_scenario(config, out, overrides, resume)
+        _scenario(config, out, overrides)
+
+
+@app.command()
+def federate(config: Annotated[str, typer.Argument(help="Preset name or YAML path")],
+             out: Annotated[Path, typer.Option("--out", help="Run folder to write into")],
+             overrides: Overrides = None,
+             resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out "
+                                                  "from its checkpoint at the next round")] = False,
+             images_per_site: Annotated[int, typer.Option(help="Phantom frames per simulated site "
+                                                          "(unlabelled)", min=1)] = 96) -> None:
+    """One federation (the ServerApp's phases and release) over simulated sites, without the
+    scenario's baselines; --resume continues an interrupted or paused run."""
+    with user_errors():
+        _federate(config, out, overrides, resume, images_per_site)
 
 
 @app.command("config")

@@ -75,7 +75,8 @@ def _environment(run_dir: Path, ray_dir: Path) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None = None) -> dict:
+def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None = None,
+                   phases: list | None = None, release: bool = True) -> dict:
     """Federate ``cfg.sim.sites`` simulated nodes whose stores live under ``sites_root``.
 
     Returns the run's status (``status.json``: released, paused or stopped, and why).
@@ -89,7 +90,7 @@ def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None 
     def settings_for(context) -> NodeSettings:  # noqa: ANN001 - flwr Context
         index = int(context.node_config["partition-id"])
         return NodeSettings(store=site_store(sites_root, index), device=cfg.device,
-                            site_index=index)
+                            site_index=index, threads=max(1, int(cfg.sim.cpus_per_site)))
 
     run_dir = Path(cfg.output.dir)
     backend_config = {
@@ -99,7 +100,7 @@ def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None 
     }
     with flower_environment(run_dir):
         try:
-            run_simulation(server_app=build_server_app(cfg),
+            run_simulation(server_app=build_server_app(cfg, phases, release),
                            client_app=build_client_app(settings_for, extra_mods),
                            num_supernodes=cfg.sim.sites, backend_config=backend_config)
         finally:

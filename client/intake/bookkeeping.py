@@ -22,14 +22,29 @@ INDEX_PATH = Path("intake") / "index.json"
 INDEX_VERSION = 1
 
 
-def file_fingerprint(pseudonymiser: Pseudonymiser, src: Path, path: Path) -> str:
+def file_fingerprint(pseudonymiser: Pseudonymiser, src: str | Path, path: str | Path) -> str:
     """Keyed digest of (relative path, size, mtime ns); '' when the file cannot be stat'ed."""
     try:
         stat = os.stat(path)
     except OSError:
         return ""
-    relative = os.path.relpath(path, src)
+    return stat_fingerprint(pseudonymiser, src, path, stat)
+
+
+def stat_fingerprint(pseudonymiser: Pseudonymiser, src: str | Path, path: str | Path,
+                     stat: os.stat_result) -> str:
+    """:func:`file_fingerprint` from a stat the caller already has (a reader, as it opens)."""
+    relative = _relative(os.fspath(path), os.fspath(src))
     return pseudonymiser.fingerprint(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}")
+
+
+def _relative(path: str, src: str) -> str:
+    """``os.path.relpath(path, src)``; for a normalised path under a normalised folder (what
+    list_files gives) the tail of the string, without relpath's two getcwd calls."""
+    if (path.startswith(src) and path[len(src):len(src) + 1] == os.sep
+            and os.path.normpath(src) == src and os.path.normpath(path) == path):
+        return path[len(src) + 1:]
+    return os.path.relpath(path, src)
 
 
 @dataclass
@@ -67,6 +82,11 @@ class IntakeIndex:
         for fingerprint in fingerprints:
             if fingerprint:
                 self.files[fingerprint] = key
+
+    def forget_series(self, key: str) -> None:
+        """Drop a series and the files that pointed at it (they will be read again)."""
+        self.series.pop(key, None)
+        self.files = {fingerprint: k for fingerprint, k in self.files.items() if k != key}
 
     def save(self) -> bool:
         """Write the index if it changed; True when it wrote."""

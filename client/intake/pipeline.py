@@ -1,9 +1,11 @@
 """``fedcmr-client ingest``: a DICOM export -> de-identified, checked series in the local store.
 
-scan -> read (process pool: checks, pixels, store grid, pseudonyms) -> group by series ->
-order and QC -> labels -> store (array, then manifest) -> summary. Each file is isolated: a bad
-one is a counted skip, never a crash, and what was stored stays stored. A re-run of the same
-export opens only what an earlier run did not finish (see :mod:`client.intake.bookkeeping`).
+scan -> read (worker processes: checks, pixels, store grid, pseudonyms) -> group by series
+(:mod:`client.intake.assembly`) -> order and QC -> labels -> store (array, then manifest; in a
+writer thread, :mod:`client.intake.store_writer`) -> summary. A series whose folders the scan
+has left is built and written while the rest is read. Each file is isolated: a bad one is a
+counted skip, never a crash, and what was stored stays stored. A re-run of the same export
+opens only what an earlier run did not finish (see :mod:`client.intake.bookkeeping`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from client.intake.assembly import SeriesAssembly
 from client.intake.bookkeeping import IntakeIndex, file_fingerprint
 from client.intake.deid import Pseudonymiser, load_or_create_secret, quiet_pydicom
 from client.intake.label_files import AppliedLabels, NodeLabels, apply_labels
@@ -29,6 +32,7 @@ from client.intake.reading import InstanceReader, InstanceResult, ReadSettings
 from client.intake.reasons import SkipSeries
 from client.intake.scan import list_files
 from client.intake.series import MAP_SEQUENCES, SeriesParts, build_series, intensity_windows
+from client.intake.store_writer import StoreWriter
 from client.intake.summary import IngestSummary
 from client.intake.workers import read_in_workers
 from client.store import LocalStore, SeriesRecord
@@ -124,30 +128,29 @@ class _Progress:
 
 # ---------------------------------------------------------------- reading
 
-def _read_serial(items: list[tuple[int, str]], settings: ReadSettings,
-                 progress: _Progress) -> list[InstanceResult]:
+def _read_serial(items: list[tuple[int, str]], settings: ReadSettings, progress: _Progress,
+                 deliver: Callable[[list[InstanceResult]], None]) -> None:
     reader = InstanceReader(settings)
-    out = []
     with quiet_pydicom():
         for index, path in items:
-            out.append(reader.read(index, path))
+            deliver([reader.read(index, path)])
             progress.advance(1)
-    return out
 
 
 def read_files(items: list[tuple[int, str]], settings: ReadSettings, workers: int,
-               progress: _Progress) -> list[InstanceResult]:
-    """Read files, results sorted by scan index.
+               progress: _Progress, deliver: Callable[[list[InstanceResult]], None],
+               forking: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+    """Read files, handing results to ``deliver`` as they come (not in scan order).
 
     In worker processes (isolated: a file that kills or hangs its reader costs only itself),
     except for a handful of files, where starting processes costs more than reading.
+    ``forking()`` is entered around each fork (default: the progress bar pauses).
     """
     if len(items) < SERIAL_BELOW:
-        results = _read_serial(items, settings, progress)
+        _read_serial(items, settings, progress, deliver)
     else:
-        results = read_in_workers(items, settings, workers, CHUNK_FILES, progress.advance,
-                                  progress.paused)
-    return sorted(results, key=lambda r: r.index)
+        read_in_workers(items, settings, workers, CHUNK_FILES, progress.advance,
+                        forking or progress.paused, deliver=deliver)
 
 
 # ---------------------------------------------------------------- storing
@@ -195,7 +198,28 @@ class _Run:
     skips: Counter = field(default_factory=Counter)
     skipped_files: list[tuple[int, str]] = field(default_factory=list)
     export_keys: set[str] = field(default_factory=set)
+    early: dict[str, _Outcome] = field(default_factory=dict)  # settled series, not yet counted
     last_index_save: float = 0.0
+
+
+@dataclass
+class _Outcome:
+    """What finishing one series did, counted once it is final (see _report)."""
+
+    key: str
+    study_uid: str
+    series_uid: str
+    files: list[int]  # scan indices
+    fingerprints: list[str]
+    reason: str = ""  # why QC skipped it; "" when the store holds it
+    written: bool = False  # False: the store already held exactly this
+    labels_digest: str = ""
+    problems: Counter = field(default_factory=Counter)  # label problems found building it
+
+    @classmethod
+    def of(cls, parts: SeriesParts, **kwargs: object) -> _Outcome:
+        return cls(key=parts.key, study_uid=parts.study_uid, series_uid=parts.series_uid,
+                   files=list(parts.files), fingerprints=list(parts.fingerprints), **kwargs)
 
 
 def _known(run: _Run, i: int) -> str:
@@ -207,42 +231,31 @@ def _known(run: _Run, i: int) -> str:
     return key if entry.get("labels", "") == run.labels.digest(entry.get("series_uid", "")) else ""
 
 
-def _collect(run: _Run, results: list[InstanceResult], parts: dict[str, SeriesParts],
-             seen: dict[str, set[str]]) -> None:
-    for result in results:
-        if result.reason:
-            run.skips[result.reason] += 1
-            run.skipped_files.append((result.index, result.reason))
-            continue
-        if result.instance in seen.setdefault(result.key, set()):
-            run.skips["duplicate_instance"] += 1
-            run.skipped_files.append((result.index, "duplicate_instance"))
-            continue
-        seen[result.key].add(result.instance)
-        entry = parts.setdefault(result.key, SeriesParts(
-            key=result.key, subject=result.subject, study_uid=result.study_uid,
-            series_uid=result.series_uid))
-        entry.frames.extend(result.frames)
-        entry.files.append(result.index)
-        if result.hints is not None:
-            entry.hints.append(result.hints)
+def _skip_file(run: _Run, index: int, reason: str) -> None:
+    run.skips[reason] += 1
+    run.skipped_files.append((index, reason))
 
 
-def _finish(run: _Run, parts: SeriesParts) -> None:
-    """QC, labels and store write for one series; its files count as accepted or skipped."""
+def _finish(run: _Run, parts: SeriesParts, writer: StoreWriter, early: bool) -> None:
+    """QC and labels for one series here, its store write in the writer's thread.
+
+    ``early``: a settled series (see :mod:`client.intake.assembly`), which may still reopen.
+    """
     options = run.options
+    problems: Counter = Counter()
     try:
         built = build_series(parts)
     except SkipSeries as skip:
-        _skip_series(run, parts, skip.reason)
+        _report(run, _Outcome.of(parts, reason=skip.reason), writer, early)
         return
     except Exception:  # noqa: BLE001 - a series the QC did not foresee costs itself only
-        _skip_series(run, parts, "unexpected_error")
+        _report(run, _Outcome.of(parts, reason="unexpected_error"), writer, early)
         return
     try:
-        applied = apply_labels(built, run.labels, options.crop_px, options.spacing_mm)
+        applied = apply_labels(built, replace(run.labels, problems=problems), options.crop_px,
+                               options.spacing_mm)
     except Exception:  # noqa: BLE001 - broken labels cost the labels, never the images
-        run.labels.problems["unusable_labels"] += 1
+        problems["unusable_labels"] += 1
         applied = AppliedLabels()
     info = {**built.info, **applied.info}
     if MAP_SEQUENCES & {built.sequence, applied.classes.get("sequence")}:
@@ -251,24 +264,63 @@ def _finish(run: _Run, parts: SeriesParts) -> None:
         key=built.key, array="", shape=[], sequence=built.sequence, view=built.view,
         subject=built.subject, info=info, labeled_frames=applied.labeled_frames,
         landmarks=applied.landmarks, classes=applied.classes, partial_labels=applied.partial)
-    if commit_series(run.store, record, built.images, applied.mask):
+    outcome = _Outcome.of(parts, labels_digest=run.labels.digest(built.series_uid),
+                          problems=problems)
+
+    def written(wrote: bool) -> None:
+        outcome.written = wrote
+        _report(run, outcome, writer, early)
+
+    images, mask, store = built.images, applied.mask, run.store
+    writer.submit(lambda: commit_series(store, record, images, mask), written)
+
+
+def _report(run: _Run, outcome: _Outcome, writer: StoreWriter, early: bool) -> None:
+    """A series outcome, in the main thread: counted now, or (settled) at the end of the run.
+
+    A settled series that reopened was finished again from all its files; if that version
+    fails QC, what was written early is taken out of the store again.
+    """
+    if early:
+        run.early[outcome.key] = outcome
+        if not outcome.reason:
+            _index_series(run, outcome)  # an interrupted run keeps what it wrote
+        return
+    before = run.early.pop(outcome.key, None)
+    if before is not None and not before.reason:
+        if outcome.reason:
+            store, key = run.store, outcome.key
+            writer.submit(lambda: store.remove_series(key), lambda _: None)
+            run.index.forget_series(key)
+        else:
+            outcome.written = outcome.written or before.written
+    _count(run, outcome)
+
+
+def _count(run: _Run, outcome: _Outcome) -> None:
+    """Add a final series outcome to the summary, the skip list and the index."""
+    run.labels.problems.update(outcome.problems)
+    if outcome.reason:
+        run.skips[outcome.reason] += len(outcome.files)
+        run.skipped_files.extend((i, outcome.reason) for i in outcome.files)
+        skipped = run.summary.series_skipped
+        skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
+        return
+    if outcome.written:
         run.summary.series_written += 1
     else:
         run.summary.series_unchanged += 1
-    run.index.record_series(built.key, built.study_uid, built.series_uid,
-                            run.labels.digest(built.series_uid),
-                            [run.fingerprints[i] for i in parts.files])
-    run.summary.files_accepted += len(parts.files)
-    run.export_keys.add(built.key)
+    _index_series(run, outcome)
+    run.summary.files_accepted += len(outcome.files)
+    run.export_keys.add(outcome.key)
+
+
+def _index_series(run: _Run, outcome: _Outcome) -> None:
+    run.index.record_series(outcome.key, outcome.study_uid, outcome.series_uid,
+                            outcome.labels_digest, outcome.fingerprints)
     if time.monotonic() - run.last_index_save > INDEX_SAVE_EVERY_S:
         run.index.save()
         run.last_index_save = time.monotonic()
-
-
-def _skip_series(run: _Run, parts: SeriesParts, reason: str) -> None:
-    run.skips[reason] += len(parts.files)
-    run.skipped_files.extend((i, reason) for i in parts.files)
-    run.summary.series_skipped[reason] = run.summary.series_skipped.get(reason, 0) + 1
 
 
 def _apply_study_labels(run: _Run) -> None:
@@ -325,9 +377,13 @@ def run_dicom_intake(options: IngestOptions, labels: NodeLabels | None = None,
     run = _Run(options=options, labels=labels, store=store, pseudonymiser=pseudonymiser,
                index=IntakeIndex.load(options.store), summary=IngestSummary(format=fmt),
                settings=ReadSettings(spacing_mm=options.spacing_mm, crop_px=options.crop_px,
-                                     secret=secret, landmark_sops=labels.landmark_sops))
+                                     secret=secret, landmark_sops=labels.landmark_sops,
+                                     scan_root=str(root)))
     run.files = list_files(root, exclude=[options.store])
-    run.fingerprints = [file_fingerprint(pseudonymiser, root, f) for f in run.files]
+    if run.index.files:  # an earlier run stored files: find them before reading anything
+        run.fingerprints = [file_fingerprint(pseudonymiser, root, f) for f in run.files]
+    else:  # a new store: the readers fingerprint the files they accept, in parallel
+        run.fingerprints = [""] * len(run.files)
     try:
         _ingest_files(run)
     finally:
@@ -340,25 +396,57 @@ def _ingest_files(run: _Run) -> None:
     known = {i: key for i in range(len(run.files)) if (key := _known(run, i))}
     to_read = [i for i in range(len(run.files)) if i not in known]
     progress = _Progress(run.options.console, len(to_read), run.options.progress)
-    parts: dict[str, SeriesParts] = {}
-    seen: dict[str, set[str]] = {}
-    workers = run.options.worker_count()
-    with progress.running():
-        results = read_files([(i, str(run.files[i])) for i in to_read], run.settings, workers, progress)
-    _collect(run, results, parts, seen)
-    del results
-    # A new file joining a series stored earlier: read that series' known files too, rebuild it.
-    extra = sorted(i for i, key in known.items() if key in parts)
-    if extra:
+    stored_before = frozenset(run.store.manifest.series)  # only new series settle early
+    with StoreWriter() as writer:
+        assembly = SeriesAssembly(
+            folder_of=_folder_numbers(run.files), may_settle=lambda key: key not in stored_before,
+            on_skip=lambda i, reason: _skip_file(run, i, reason),
+            on_settled=lambda parts: _finish(run, parts, writer, early=True))
+        with progress.running():
+            _read_pass(run, assembly, to_read, progress, writer, settling=True)
+        # A new file joining a series stored earlier: read that series' known files too, rebuild it.
+        extra = [i for i, key in known.items() if key in assembly.parts]
         for i in extra:
             known.pop(i)
-        _collect(run, read_files([(i, str(run.files[i])) for i in extra], run.settings, workers,
-                                 _Progress(None, 0, False)), parts, seen)
-    run.summary.files_read = len(to_read) + len(extra)
-    for key in sorted(parts):
-        _finish(run, parts.pop(key))
+        again = sorted(extra + assembly.reread())
+        _read_pass(run, assembly, again, _Progress(None, 0, False), writer, settling=False)
+        run.summary.files_read = len(to_read) + len(again)
+        writer.wait()  # every settled series is reported before any is finished again
+        for key in sorted(assembly.parts):
+            _finish(run, assembly.parts.pop(key), writer, early=False)
+    for outcome in run.early.values():  # settled and never reopened: final
+        _count(run, outcome)
+    run.early.clear()
     run.summary.files_accepted += len(known)
     run.export_keys.update(known.values())
+
+
+def _read_pass(run: _Run, assembly: SeriesAssembly, indices: list[int], progress: _Progress,
+               writer: StoreWriter, settling: bool) -> None:
+    if not indices:
+        return
+
+    @contextlib.contextmanager
+    def forking() -> Iterator[None]:
+        writer.wait()  # no store write in flight while a process is forked
+        with progress.paused():
+            yield
+
+    assembly.expect(indices, settling)
+    read_files([(i, str(run.files[i])) for i in indices], run.settings,
+               run.options.worker_count(), progress, assembly.deliver, forking)
+    assembly.close_pass()
+
+
+def _folder_numbers(files: list[Path]) -> list[int]:
+    """Each file's folder, numbered in scan order (list_files lists a folder's files together)."""
+    numbers, last, number = [], None, -1
+    for path in files:
+        folder = os.path.dirname(path)
+        if folder != last:
+            number, last = number + 1, folder
+        numbers.append(number)
+    return numbers
 
 
 def _summarise(run: _Run, started: float) -> IngestSummary:

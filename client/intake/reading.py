@@ -26,6 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
+from client.intake.bookkeeping import stat_fingerprint
 from client.intake.classify import text_hints, vendor_label
 from client.intake.deid import Pseudonymiser, quiet_pydicom, series_key
 from client.intake.geometry import resample_image
@@ -40,8 +41,8 @@ NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
                                   "1.2.840.10008.1.2.1.99"})
 DEFER_SIZE = 16 * 1024 * 1024  # elements larger than this are read only after the size checks
 
-# Tags read as raw bytes (fast, no value conversion).
-_T = {name: int(Tag(name)) for name in (
+# Tags read as raw bytes (fast, no value conversion); BaseTag keys skip pydicom's Tag() parsing.
+_T = {name: Tag(name) for name in (
     "SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "StudyInstanceUID",
     "SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
     "TriggerTime", "NumberOfFrames", "RescaleSlope", "RescaleIntercept", "SeriesDescription",
@@ -49,7 +50,7 @@ _T = {name: int(Tag(name)) for name in (
     "BurnedInAnnotation", "InstanceNumber", "TemporalPositionIdentifier", "FrameTime",
     "PhotometricInterpretation", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
     "PerFrameFunctionalGroupsSequence", "Rows", "Columns", "BitsAllocated", "BitsStored",
-    "PixelRepresentation", "SamplesPerPixel")}
+    "PixelRepresentation", "SamplesPerPixel", "TransferSyntaxUID")}
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ReadSettings:
     crop_px: int
     secret: str
     landmark_sops: frozenset[str] = frozenset()  # hospital SOP UIDs that label files refer to
+    scan_root: str = ""  # the export folder: file fingerprints hold paths relative to it
     max_file_bytes: int = 2 * 1024**3
     max_pixel_bytes: int = 1024**3  # decoded size limit (Rows*Columns*Frames*BitsAllocated/8)
     max_side_px: int = 4096
@@ -105,6 +107,7 @@ class InstanceResult:
     study_uid: str = ""  # store UIDs (dicognito-remapped)
     series_uid: str = ""
     instance: str = ""  # keyed digest of the hospital SOP instance UID (duplicate detection)
+    fingerprint: str = ""  # the file as read (see bookkeeping.file_fingerprint); "" if skipped
     frames: list[Frame] = field(default_factory=list)
     hints: SeriesHints | None = None
 
@@ -231,8 +234,22 @@ def _check_class(ds: pydicom.Dataset) -> str:
     return sop_class
 
 
-def _pixel_layout(ds: pydicom.Dataset, settings: ReadSettings) -> tuple[int, int, int, int]:
-    """(frames, rows, cols, bits_allocated) after the pixel-format and size checks."""
+@dataclass(frozen=True)
+class PixelLayout:
+    """What the header says about the pixel data, read once per file."""
+
+    frames: int
+    rows: int
+    cols: int
+    bits: int  # BitsAllocated
+    stored: int  # BitsStored
+    signed: bool  # PixelRepresentation 1
+    inverted: bool  # MONOCHROME1: low values are bright
+    syntax: str  # transfer syntax UID
+
+
+def _pixel_layout(ds: pydicom.Dataset, settings: ReadSettings) -> PixelLayout:
+    """The pixel layout, after the pixel-format and size checks."""
     if ds.get_item(_T["PixelData"], keep_deferred=True) is None:
         if (ds.get_item(_T["FloatPixelData"], keep_deferred=True) is not None
                 or ds.get_item(_T["DoubleFloatPixelData"], keep_deferred=True) is not None):
@@ -252,37 +269,48 @@ def _pixel_layout(ds: pydicom.Dataset, settings: ReadSettings) -> tuple[int, int
             or frames > settings.max_frames
             or rows * cols * frames * bits // 8 > settings.max_pixel_bytes):
         raise SkipFile("absurd_dimensions")
-    return frames, rows, cols, bits
+    meta = getattr(ds, "file_meta", None)
+    return PixelLayout(frames=frames, rows=rows, cols=cols, bits=bits,
+                       stored=_us(ds, _T["BitsStored"], bits) or bits,
+                       signed=_us(ds, _T["PixelRepresentation"], 0) == 1,
+                       inverted=photometric == "MONOCHROME1",
+                       syntax=_text(meta, _T["TransferSyntaxUID"]) if meta is not None else "")
 
 
 # ---------------------------------------------------------------- pixels
 
-def _native_pixels(ds: pydicom.Dataset, frames: int, rows: int, cols: int, bits: int) -> np.ndarray:
+def _native_pixels(ds: pydicom.Dataset, layout: PixelLayout) -> np.ndarray:
+    """Uncompressed little-endian pixel data straight from the element's bytes.
+
+    The same stored values as ``ds.pixel_array`` (tests/client/test_intake_pixels.py), without
+    converting the element or copying the buffer.
+    """
     elem = ds.get_item(_T["PixelData"], keep_deferred=True)
-    expected = frames * rows * cols * bits // 8
+    count = layout.frames * layout.rows * layout.cols
+    expected = count * layout.bits // 8
     if elem.length != 0xFFFFFFFF and elem.length < expected:
         raise SkipFile("truncated")
-    data = ds.PixelData
+    data = elem.value
+    if not isinstance(data, bytes | bytearray):  # deferred (very large) or already converted
+        data = ds.PixelData
     if data is None or len(data) < expected:
         raise SkipFile("truncated")
-    signed = _us(ds, _T["PixelRepresentation"], 0) == 1
-    dtype = np.dtype({8: "i1", 16: "<i2", 32: "<i4"}[bits] if signed else
-                     {8: "u1", 16: "<u2", 32: "<u4"}[bits])
-    array = np.frombuffer(data, dtype=dtype, count=frames * rows * cols).reshape(frames, rows, cols)
-    stored = _us(ds, _T["BitsStored"], bits) or bits
+    bits, stored = layout.bits, layout.stored
+    dtype = np.dtype(f"<{'i' if layout.signed else 'u'}{bits // 8}")
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(layout.frames, layout.rows,
+                                                                 layout.cols)
     if 0 < stored < bits:
         shift = bits - stored
-        if signed:
+        if layout.signed:
             array = (array << shift) >> shift
         else:
             array = array & dtype.type((1 << stored) - 1)
     return array
 
 
-def _decoded_pixels(ds: pydicom.Dataset, frames: int, rows: int, cols: int) -> np.ndarray:
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+def _decoded_pixels(ds: pydicom.Dataset, layout: PixelLayout) -> np.ndarray:
     try:
-        decoder = pydicom.pixels.get_decoder(syntax)
+        decoder = pydicom.pixels.get_decoder(layout.syntax)
     except (NotImplementedError, ValueError):
         raise SkipFile("no_decoder") from None
     if not decoder.is_available:
@@ -293,19 +321,18 @@ def _decoded_pixels(ds: pydicom.Dataset, frames: int, rows: int, cols: int) -> n
         raise
     except Exception:
         raise SkipFile("undecodable_pixels") from None
-    if array.size != frames * rows * cols:
+    if array.size != layout.frames * layout.rows * layout.cols:
         raise SkipFile("undecodable_pixels")
-    return array.reshape(frames, rows, cols)
+    return array.reshape(layout.frames, layout.rows, layout.cols)
 
 
-def _pixels(ds: pydicom.Dataset, frames: int, rows: int, cols: int, bits: int) -> np.ndarray:
+def _pixels(ds: pydicom.Dataset, layout: PixelLayout) -> np.ndarray:
     """(frames, rows, cols) stored values; MONOCHROME1 inverted so that bright means signal."""
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "") if hasattr(ds, "file_meta") else ""
-    if syntax in NATIVE_LITTLE_ENDIAN:
-        array = _native_pixels(ds, frames, rows, cols, bits)
+    if layout.syntax in NATIVE_LITTLE_ENDIAN:
+        array = _native_pixels(ds, layout)
     else:
-        array = _decoded_pixels(ds, frames, rows, cols)
-    if _text(ds, _T["PhotometricInterpretation"]).upper() == "MONOCHROME1":
+        array = _decoded_pixels(ds, layout)
+    if layout.inverted:
         array = array.max() - array.astype(np.float32)
     return array
 
@@ -431,11 +458,12 @@ class InstanceReader:
         except Exception:  # noqa: BLE001 - one bad file must never stop an ingest
             return InstanceResult(index=index, reason="unexpected_error")
 
-    def _open(self, path: Path) -> tuple[pydicom.Dataset, int]:
+    def _open(self, path: Path) -> tuple[pydicom.Dataset, os.stat_result]:
         try:
-            size = os.stat(path).st_size
+            stat = os.stat(path)
         except OSError:
             raise SkipFile("unreadable_file") from None
+        size = stat.st_size
         if size > self.settings.max_file_bytes:
             raise SkipFile("file_too_large")
         try:
@@ -451,22 +479,27 @@ class InstanceReader:
         except Exception:
             raise SkipFile("unreadable_header") from None
         _check_truncation(ds, size)
-        return ds, size
+        return ds, stat
 
     def _read(self, index: int, path: Path) -> InstanceResult:
-        ds, _ = self._open(path)
+        ds, stat = self._open(path)
         sop_class = _check_class(ds)
         study = _text(ds, _T["StudyInstanceUID"])
         series = _text(ds, _T["SeriesInstanceUID"])
         if not study or not series:
             raise SkipFile("missing_uid")
-        frames, rows, cols, bits = _pixel_layout(ds, self.settings)
+        layout = _pixel_layout(ds, self.settings)
         enhanced = sop_class != MR_IMAGE
+        frames = layout.frames
         geometry = _enhanced_geometry(ds, frames) if enhanced else _classic_geometry(ds, frames)
         if not all(_valid(g) for g in geometry):
             raise SkipFile("missing_geometry")
-        pixels = _pixels(ds, frames, rows, cols, bits)
-        return self._result(index, ds, study, series, geometry, pixels, enhanced)
+        pixels = _pixels(ds, layout)
+        result = self._result(index, ds, study, series, geometry, pixels, enhanced)
+        if self.settings.scan_root:
+            result.fingerprint = stat_fingerprint(self.pseudonymiser, self.settings.scan_root,
+                                                  path, stat)
+        return result
 
     def _result(self, index: int, ds: pydicom.Dataset, study: str, series: str,
                 geometry: list[FrameGeometry], pixels: np.ndarray, enhanced: bool) -> InstanceResult:
@@ -498,7 +531,9 @@ class InstanceReader:
             image = image * np.float32(g.slope) + np.float32(g.intercept)
         resampled = resample_image(image, g.spacing, settings.crop_px, settings.spacing_mm)
         lo, hi = intensity_window(resampled)
-        normalised = (resampled - lo) / max(hi - lo, 1e-6)
+        # normalise_intensity's arithmetic, written C-ordered so the series stack is a plain copy
+        normalised = np.subtract(resampled, lo, out=np.empty(resampled.shape, np.float32))
+        normalised /= max(hi - lo, 1e-6)
         return Frame(position=g.position, orientation=g.orientation, spacing=g.spacing,
                      matrix=(int(raw.shape[0]), int(raw.shape[1])), trigger_ms=g.trigger_ms,
                      order=g.order, frame_number=frame_number, sop_ref=sop_ref,

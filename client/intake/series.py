@@ -36,6 +36,7 @@ class SeriesParts:
     series_uid: str
     frames: list[Frame] = field(default_factory=list)
     files: list[int] = field(default_factory=list)  # scan indices of the files that gave frames
+    fingerprints: list[str] = field(default_factory=list)  # of those files, as they were read
     hints: list[SeriesHints] = field(default_factory=list)
 
 
@@ -163,7 +164,8 @@ def build_series(parts: SeriesParts) -> BuiltSeries:
     _check_consistency(frames)
     grid, positions = _grid(frames)
     _check_slice_gaps(positions)
-    images = np.stack([np.stack([f.image for f in row]) for row in grid]).astype(np.float16)
+    images = np.stack([f.image for row in grid for f in row]).astype(np.float16, copy=False)
+    images = images.reshape(len(grid), len(grid[0]), *images.shape[1:])
     sequence, view = _labels(parts, grid)
     info = _info(parts, grid, positions)
     for row in grid:  # the stack holds the pixels now; labels need only the geometry

@@ -18,6 +18,8 @@ from multiprocessing.connection import Connection, wait
 from client.intake.reading import InstanceResult, ReadSettings, init_worker, read_chunk
 
 Item = tuple[int, str]  # (scan index, path)
+Deliver = Callable[[list[InstanceResult]], None]
+_DEAD = object()  # what _receive says of a worker that died or hangs
 SECONDS_PER_FILE = 60.0  # a file taking longer than this is stuck (a healthy one takes ms)
 
 
@@ -71,16 +73,19 @@ class _Worker:
 
 def read_in_workers(items: list[Item], settings: ReadSettings, workers: int, chunk_files: int,
                     advance: Callable[[int], None], pause: Callable[[], object],
-                    seconds_per_file: float | None = None) -> list[InstanceResult]:
+                    seconds_per_file: float | None = None,
+                    deliver: Deliver | None = None) -> list[InstanceResult]:
     """Read ``items`` in ``workers`` processes, chunk by chunk; never raises for a bad file.
 
-    ``pause()`` returns a context manager during which new processes are forked (the caller's
-    progress display stops its thread meanwhile).
+    Each chunk's results go to ``deliver`` as soon as they are back (in no particular order),
+    or, without it, into the list returned. ``pause()`` returns a context manager during which
+    new processes are forked (the caller stops its other threads' work meanwhile).
     """
     seconds_per_file = seconds_per_file or SECONDS_PER_FILE
     ctx = _context()
-    queue = deque(items[i:i + chunk_files] for i in range(0, len(items), chunk_files))
+    queue = deque(_chunks(items, chunk_files, workers))
     out: list[InstanceResult] = []
+    emit: Deliver = deliver or out.extend
     with pause():
         pool = [_Worker(ctx, settings) for _ in range(min(workers, len(queue)) or 1)]
     try:
@@ -90,37 +95,57 @@ def read_in_workers(items: list[Item], settings: ReadSettings, workers: int, chu
                     worker.give(queue.popleft(), seconds_per_file)
             busy = [w for w in pool if w.job]
             wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=1.0)
+            finished = []
             for index, worker in enumerate(pool):
-                if worker.job and not _collect(worker, out, advance):
-                    pool[index] = _replace(worker, ctx, settings, queue, out, advance, pause)
+                if not worker.job:
+                    continue
+                results = _receive(worker)
+                if results is _DEAD:
+                    pool[index] = _replace(worker, ctx, settings, queue, emit, advance, pause)
+                elif results is not None:
+                    advance(len(worker.job))
+                    worker.job = None
+                    if queue:  # busy again before its results are used (which takes a while)
+                        worker.give(queue.popleft(), seconds_per_file)
+                    finished.append(results)
+            for results in finished:
+                emit(results)
     finally:
         for worker in pool:
             worker.stop()
     return out
 
 
-def _collect(worker: _Worker, out: list[InstanceResult], advance: Callable[[int], None]) -> bool:
-    """Take a finished chunk's results; False when the worker died or overran its deadline."""
+def _chunks(items: list[Item], size: int, workers: int) -> list[list[Item]]:
+    """Chunks of ``size`` files, then smaller ones: the workers finish close together."""
+    tail = min(len(items), 2 * max(1, workers) * size)
+    small = max(1, size // 4)
+    head = len(items) - tail
+    return ([items[i:min(i + size, head)] for i in range(0, head, size)]
+            + [items[i:i + small] for i in range(head, len(items), small)])
+
+
+def _receive(worker: _Worker) -> list[InstanceResult] | None | object:
+    """A finished chunk's results; None while it is working; _DEAD when the worker died or
+    overran its deadline."""
     try:
         if worker.conn.poll():
-            results = worker.conn.recv()
-            out.extend(results)
-            advance(len(worker.job))
-            worker.job = None
-            return True
+            return worker.conn.recv()
     except (EOFError, OSError):
-        return False
-    return worker.process.is_alive() and time.monotonic() < worker.deadline
+        return _DEAD
+    if worker.process.is_alive() and time.monotonic() < worker.deadline:
+        return None
+    return _DEAD
 
 
 def _replace(worker: _Worker, ctx: multiprocessing.context.BaseContext, settings: ReadSettings,
-             queue: deque, out: list[InstanceResult], advance: Callable[[int], None],
+             queue: deque, emit: Deliver, advance: Callable[[int], None],
              pause: Callable[[], object]) -> _Worker:
     """Kill a dead or stuck worker; retry its chunk file by file, or skip its single file."""
     job, stuck = worker.job or [], worker.process.is_alive()
     worker.stop(kill=True)
     if len(job) == 1:
-        out.append(InstanceResult(index=job[0][0], reason="read_timeout" if stuck else "worker_crashed"))
+        emit([InstanceResult(index=job[0][0], reason="read_timeout" if stuck else "worker_crashed")])
         advance(1)
     else:
         queue.extendleft([item] for item in reversed(job))

@@ -21,7 +21,11 @@ def build_ssl_model(cfg: FedCMRConfig) -> SSLModel:
     raise ValueError(f"ssl.method={cfg.ssl.method.value} has no implementation")
 
 
-def federated_keys(model: SSLModel) -> list[str]:
-    """State-dict keys that travel between nodes and server (encoder, SSL head, ...), in order."""
-    prefixes = model.federated_prefixes()
+def federated_keys(model: SSLModel, keep_head_local: bool = False) -> list[str]:
+    """State-dict keys that travel between nodes and server (encoder, SSL head, ...), in order.
+
+    With ``keep_head_local`` the SSL head (``head.*``) stays at each site.
+    """
+    prefixes = tuple(p for p in model.federated_prefixes()
+                     if not (keep_head_local and p == "head."))
     return [k for k in model.state_dict() if k.startswith(prefixes)]

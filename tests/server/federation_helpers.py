@@ -17,7 +17,8 @@ from sim.runner import run_federation
 from sim.sites import site_spec, write_site_frames
 
 TINY = ["ssl.local_steps=1", "ssl.batch_size=8", "ssl.mae.decoder_depth=1", "ssl.mae.decoder_dim=32",
-        "device=cpu", "federation.round_timeout_s=120", "federation.secagg.timeout_s=120"]
+        "device=cpu", "federation.round_timeout_s=120", "federation.secagg.timeout_s=120",
+        "federation.finetune_rounds=0"]
 
 
 def make_sites(root: Path, sites: int) -> Path:

@@ -52,7 +52,7 @@ def _strategy(records: list, overrides: list[str] = ()):  # noqa: ANN202
                                    "federation.max_update_norm=10", *overrides])
     inner = build_aggregator(cfg, GLOBAL, lambda items: {}, evaluate=False)
     rounds: list[int] = []
-    strategy = PhaseStrategy(cfg, PhaseInfo("pretrain", "", 3, 0, 0), inner, list(GLOBAL),
+    strategy = PhaseStrategy(cfg, PhaseInfo("pretrain", "", 3, "pretrain", 0, 0), inner, list(GLOBAL),
                              PrivacyLedger(1e-5), lambda r, a: rounds.append(r), records.append, False)
     return strategy, rounds
 

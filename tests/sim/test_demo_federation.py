@@ -1,4 +1,4 @@
-"""One small federation end to end, through the CLI a researcher runs."""
+"""One small federation end to end (`fedcmr-sim federate`), through Flower's simulation engine."""
 
 import json
 import subprocess
@@ -28,9 +28,11 @@ def _processes_mentioning(fragment: str) -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, ) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("demo")
-    overrides = ["ssl.local_steps=2", "ssl.batch_size=8", "sim.images_per_site=16",
-                 "ssl.mae.decoder_depth=1", "ssl.mae.decoder_dim=64", "device=cpu"]
-    proc = subprocess.run([sys.executable, "-m", "sim", "demo", "--out", str(out), *overrides],
+    overrides = ["ssl.local_steps=2", "ssl.batch_size=8", "federation.rounds=2",
+                 "federation.finetune_rounds=0", "ssl.mae.decoder_depth=1", "ssl.mae.decoder_dim=64",
+                 "device=cpu"]
+    proc = subprocess.run([sys.executable, "-m", "sim", "federate", "demo-cpu", "--out", str(out),
+                           "--images-per-site", "16", *overrides],
                           capture_output=True, text=True, timeout=600)
     return out, proc
 

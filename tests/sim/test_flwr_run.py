@@ -48,7 +48,7 @@ def test_flwr_run_uses_the_project_apps(tmp_path: Path) -> None:
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     out = tmp_path / "out"
     run_config = (f"sim-root='{tmp_path / 'sites'}' out-dir='{out}' "
-                  "overrides='ssl.local_steps=1 ssl.batch_size=8 federation.min_sites=2 device=cpu'")
+                  "overrides='ssl.local_steps=1 ssl.batch_size=8 federation.min_sites=2 device=cpu federation.finetune_rounds=0'")
     flwr = str(Path(sys.executable).parent / "flwr")
     # Execute
     try:

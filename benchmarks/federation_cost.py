@@ -1,0 +1,151 @@
+"""What a federated round costs beyond the training itself, with and without SecAgg+.
+
+Runs the demo-cpu preset on 3 simulated sites (SecAgg+ needs 3; 2/3 of a CPU each, so all
+three train at once on 2 cores) through Flower's simulation engine, plain and with SecAgg+
+(3 shares, threshold 2), and prints per configuration:
+
+(a) round wall time / the same local steps in plain PyTorch loops run the same way (3
+    single-threaded processes at once, no Flower) — goal <= 1.10 plain, <= 1.5 with SecAgg+;
+(b) bytes uploaded per site per round / the encoder's fp32 size — goal <= 1.05 plain,
+    <= 2.05 with SecAgg+ (SecAgg+ uploads int64).
+
+Rounds after the first are used (the first includes Ray's start-up). Uploads are counted by a
+mod on each node over every TRAIN reply (weights, SecAgg+ keys and shares, metrics).
+
+    python benchmarks/federation_cost.py [--rounds 4] [--local-steps 40] [--ssl-head aggregated|local]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from client.store import LocalStore
+from server.metrics import read_records
+from shared_model.config import load_config
+from shared_model.encoders import build_encoder, get_preset
+from shared_model.ssl import build_ssl_model, federated_keys
+from shared_model.train import Span, make_generator, make_optimizer, pretrain_local
+from shared_model.weights import state_dict_nbytes
+from sim.runner import run_federation
+from sim.sites import site_spec, write_site_frames
+
+SITES = 3
+
+
+def upload_counter(path: Path):  # noqa: ANN201
+    """A node mod appending the bytes of every TRAIN reply to ``path`` (one JSON line each)."""
+    from flwr.app.message_type import MessageType
+
+    def mod(msg, context, call_next):  # noqa: ANN001, ANN202
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+            content = reply.content
+            size = sum(r.count_bytes() for r in content.array_records.values())
+            size += sum(r.count_bytes() for r in content.config_records.values())
+            size += sum(r.count_bytes() for r in content.metric_records.values())
+            line = {"site": int(context.node_config["partition-id"]),
+                    "round": int(msg.metadata.group_id), "bytes": int(size)}
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
+        return reply
+
+    return mod
+
+
+def _one_site_loop(args: tuple[str, str, int]) -> float:
+    """One site's local steps in a plain PyTorch loop, single-threaded (runs in a subprocess)."""
+    config_yaml, store, seed = args
+    from shared_model.config import config_from_yaml
+
+    torch.set_num_threads(1)
+    cfg = config_from_yaml(config_yaml, "benchmark")
+    images = LocalStore.open(store).unlabeled_frames(get_preset(cfg.model.preset).image_size)
+    torch.manual_seed(cfg.seed)
+    model = build_ssl_model(cfg)
+    start = time.perf_counter()
+    pretrain_local(model, images, steps=cfg.ssl.local_steps, batch_size=cfg.ssl.batch_size,
+                   optimizer=make_optimizer(model, cfg.ssl.lr, cfg.ssl.weight_decay),
+                   gen=make_generator(seed), device=torch.device("cpu"), base_lr=cfg.ssl.lr,
+                   span=Span(0.0, 0.5))
+    return time.perf_counter() - start
+
+
+def plain_loop_seconds(cfg, sites_root: Path, sites: int, repeats: int = 2) -> float:  # noqa: ANN001
+    """Wall time of every site's local steps in plain loops, all sites at once (no Flower)."""
+    import multiprocessing
+
+    from shared_model.config import config_to_yaml
+
+    jobs = [(config_to_yaml(cfg), str(sites_root / f"site-{i}" / "store"), i) for i in range(sites)]
+    context = multiprocessing.get_context("spawn")
+    best = float("inf")
+    for _ in range(repeats):
+        with context.Pool(sites) as pool:
+            best = min(best, max(pool.map(_one_site_loop, jobs)))
+    return best
+
+
+def measure(work: Path, sites_root: Path, secagg: bool, args: argparse.Namespace) -> dict:
+    out = work / ("secagg" if secagg else "plain")
+    counts = work / f"uploads-{'secagg' if secagg else 'plain'}.jsonl"
+    overrides = [f"federation.rounds={args.rounds}", f"sim.sites={SITES}",
+                 f"federation.min_sites={SITES}", f"sim.cpus_per_site={2 / SITES:.3f}",
+                 f"ssl.local_steps={args.local_steps}", "device=cpu", f"output.dir={out}",
+                 f"federation.ssl_head={args.ssl_head}",
+                 f"federation.secagg.mode={'always' if secagg else 'never'}"]
+    cfg = load_config("demo-cpu", overrides)
+    status = run_federation(cfg, sites_root, extra_mods=[upload_counter(counts)])
+    assert status["status"] == "released", status
+    rounds = [r for r in read_records(out) if r["kind"] == "fit" and r["round"] > 1]
+    uploads = [json.loads(line) for line in counts.read_text().splitlines()]
+    per_site_round: dict[tuple[int, int], int] = {}
+    for u in uploads:
+        if u["round"] > 1:
+            key = (u["site"], u["round"])
+            per_site_round[key] = per_site_round.get(key, 0) + u["bytes"]
+    return {"cfg": cfg, "round_s": statistics.median(r["seconds"] for r in rounds),
+            "upload_bytes": statistics.median(per_site_round.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=40)
+    parser.add_argument("--ssl-head", default="aggregated", choices=["aggregated", "local"])
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedcmr-bench-"))
+    sites_root = work / "sites"
+    for index in range(SITES):
+        write_site_frames(sites_root / f"site-{index}" / "store", site_spec(index, 1.5, 128), 96, seed=0)
+    results = {secagg: measure(work, sites_root, secagg, args) for secagg in (False, True)}
+    cfg = results[False]["cfg"]
+    reference = plain_loop_seconds(cfg, sites_root, SITES)
+    encoder_bytes = state_dict_nbytes(build_encoder(cfg.model.preset).state_dict())
+    model = build_ssl_model(cfg)
+    federated_bytes = state_dict_nbytes({k: v for k, v in model.state_dict().items()
+                                         if k in federated_keys(model, args.ssl_head == "local")})
+    print(f"demo-cpu ({cfg.model.preset}, {cfg.ssl.method.value}), {SITES} sites on 2 cores, "
+          f"{args.local_steps} local steps of {cfg.ssl.batch_size} images, rounds 2..{args.rounds}, "
+          f"SSL head {args.ssl_head}")
+    print(f"plain PyTorch loops, same steps, {SITES} single-threaded processes at once: {reference:.2f} s")
+    print(f"encoder fp32: {encoder_bytes / 1e6:.2f} MB; federated weights (encoder + "
+          f"{'SSL head' if args.ssl_head == 'aggregated' else 'no head'}): {federated_bytes / 1e6:.2f} MB")
+    print(f"{'':10s} {'round s':>8s} {'(a) time ratio':>15s} {'goal':>6s} {'upload MB':>10s} "
+          f"{'(b) bytes ratio':>16s} {'goal':>6s}")
+    for secagg, goal_t, goal_b in ((False, 1.10, 1.05), (True, 1.5, 2.05)):
+        r = results[secagg]
+        print(f"{'SecAgg+' if secagg else 'plain':10s} {r['round_s']:8.2f} "
+              f"{r['round_s'] / reference:15.3f} {goal_t:6.2f} {r['upload_bytes'] / 1e6:10.3f} "
+              f"{r['upload_bytes'] / encoder_bytes:16.3f} {goal_b:6.2f}")
+    print(f"(work folder: {work})")
+
+
+if __name__ == "__main__":
+    main()

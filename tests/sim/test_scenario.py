@@ -1,0 +1,55 @@
+"""A 2-site, 1-round, 1-budget scenario end to end: cohort, intake, arms, fine-tuning, report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["sim.sites=2", "sim.subjects_per_site=3", "sim.cine_phases=4", "sim.max_sax_slices=4",
+        "sim.seeds=[0]", "sim.label_budgets=[1]", "federation.rounds=1", "federation.finetune_rounds=1",
+        "ssl.local_steps=1", "ssl.batch_size=8", "tasks.steps=1", "tasks.batch_size=4",
+        "ssl.mae.decoder_depth=1", "ssl.mae.decoder_dim=32", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("scenario")
+    proc = subprocess.run([sys.executable, "-m", "sim", "run", "demo-cpu", "--out", str(out), *TINY],
+                          capture_output=True, text=True, timeout=900)
+    return out, proc
+
+
+def test_scenario_writes_report_results_and_config(scenario) -> None:  # noqa: ANN001
+    out, proc = scenario
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("report.md", "report.html", "results.json", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert str(out / "report.md") in proc.stdout.replace("\n", "")
+    pngs = list((out / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    report = (out / "report.md").read_text()
+    assert "## Headline" in report and "fed-mae" in report
+
+
+def test_results_schema(scenario) -> None:  # noqa: ANN001
+    out, _ = scenario
+    results = json.loads((out / "results.json").read_text())
+    assert results["format"] == "fedcmr-sim-results" and results["version"] == 1
+    assert [s["name"] for s in results["scenario"]["sites"]] == ["site-0", "site-1"]
+    assert set(results["arms"]) == {"fed-mae", "local-mae", "central-mae", "scratch"}
+    assert {a["kind"] for a in results["arms"].values()} == {"federated", "local", "central", "scratch"}
+    rows = results["finetune"]
+    assert {r["mode"] for r in rows} == {"local", "federated"}
+    assert {r["task"] for r in rows} == {"sax_seg", "view", "landmarks"}
+    for row in rows:
+        assert {"arm", "task", "budget", "seed", "mode", "site", "metric", "value", "metrics",
+                "test_samples"} <= set(row)
+        assert row["budget"] == 1 and row["seed"] == 0
+    fed = [r for r in rows if r["mode"] == "federated" and r["site"] == "all"]
+    assert {r["arm"] for r in fed} == {"fed-mae", "scratch"}
+    assert any(c["arm"] == "fed-mae" and c["site"] == "all" for c in results["curves"])
+    assert all((out / o["file"]).is_file() for o in results["overlays"])
+    assert {o["task"] for o in results["overlays"]} == {"sax_seg", "landmarks"}
+    assert results["timings_s"]["total"] > 0
