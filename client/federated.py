@@ -72,7 +72,7 @@ def task_keys(model: torch.nn.Module, plan: FedCMRConfig) -> list[str]:
 def initial_task_model(plan: FedCMRConfig, task: Task) -> torch.nn.Module:
     """The seeded task model both server and nodes start a fine-tuning phase from."""
     torch.manual_seed(derive_seed(plan.seed, "head", task.name) % (2**31))
-    return build_task_model(task, build_encoder(plan.model.preset))
+    return build_task_model(task, build_encoder(plan.model.preset), plan.tasks.decoder_width)
 
 
 def task_series(store: LocalStore, task: Task) -> list[str]:

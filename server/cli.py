@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -26,6 +27,46 @@ def show_config(config: Annotated[str, typer.Argument(help="Preset name or YAML 
 def presets() -> None:
     """List the encoder presets and their timm names."""
     print_presets()
+
+
+@app.command()
+def status(run_dir: Annotated[Path, typer.Argument(help="A federation's output.dir")]) -> None:
+    """A run's state: outcome, rounds per phase, the latest checkpoint and the privacy ledger."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.app import STATUS_FILE
+    from server.ledger import PrivacyLedger
+    from server.metrics import read_records
+    from server.state import CHECKPOINT_FILE, load_state
+    from shared_model.config import RESOLVED_CONFIG_NAME, load_config
+
+    with user_errors():
+        console = Console()
+        outcome = run_dir / STATUS_FILE
+        console.print(f"status: {json.loads(outcome.read_text())['status'] if outcome.is_file() else 'running or interrupted'}",
+                      highlight=False)
+        phases: dict[str, list[dict]] = {}
+        for record in read_records(run_dir):
+            if record["kind"] == "fit":
+                phases.setdefault(record["phase"], []).append(record)
+        table = Table("phase", "rounds", "aggregated", "skipped", "last round")
+        for phase, records in phases.items():
+            table.add_row(phase, str(len(records)), str(sum(r["status"] == "aggregated" for r in records)),
+                          str(sum(r["status"] == "skipped" for r in records)), str(records[-1]["round"]))
+        console.print(table)
+        if (run_dir / CHECKPOINT_FILE).is_file():
+            cfg = load_config(run_dir / RESOLVED_CONFIG_NAME)
+            state = load_state(run_dir, cfg)
+            console.print(f"checkpoint: after global round {state.global_round} "
+                          f"({state.phase or 'between phases'}); resume with output.resume=true",
+                          highlight=False)
+            if state.ledger_json:
+                for site, eps in PrivacyLedger.from_json(state.ledger_json).summary().items():
+                    console.print(f"  {site}: " + ", ".join(f"{k}={v:.3f}" for k, v in eps.items()),
+                                  highlight=False)
 
 
 def main() -> None:

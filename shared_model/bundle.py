@@ -81,7 +81,7 @@ def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = Fals
     except WeightsError as exc:
         raise BundleError(f"{exc}; the bundle's config names preset "
                           f"'{bundle.config.model.preset}'") from exc
-    model = build_task_model(task, encoder)
+    model = build_task_model(task, encoder, bundle.config.tasks.decoder_width)
     if task.name in bundle.tasks:
         load_into(model, bundle.tasks[task.name], source=f"task model '{task.name}'")
     elif require_head:

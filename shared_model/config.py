@@ -165,6 +165,7 @@ class TasksConfig:
     weight_decay: float = 0.01
     frozen_fraction: float = 0.3  # share of steps with a frozen encoder (frozen_then_unfrozen)
     augment: bool = True
+    decoder_width: int = 16  # segmentation/landmark decoder channels at full resolution
     label_budget: int = 0  # labelled subjects per site used for training (0: all)
     test_fraction: float = 0.3  # subjects per site held out for evaluation
     split_seed: int = 0  # which subjects are held out (fixed across seeds; the seed draws
@@ -264,7 +265,9 @@ class SimConfig:
     # Federated fine-tuning (besides local) for these arms; [] = the first federated arm and
     # scratch.
     federated_finetune_arms: list[str] = field(default_factory=list)
+    federated_finetune_budgets: list[int] = field(default_factory=list)  # [] = label_budgets
     federated_finetune: bool = True
+    local_finetune_arms: list[str] = field(default_factory=list)  # [] = every arm
     overlays: bool = True
 
 
@@ -463,6 +466,7 @@ def validate_config(cfg: FedCMRConfig) -> None:
     unknown = [n for n in cfg.tasks.names if n not in TASKS]
     _require(not unknown, "tasks.names", f"unknown task(s) {unknown}; known: {', '.join(sorted(TASKS))}")
     _require(cfg.tasks.steps >= 1, "tasks.steps", "must be >= 1")
+    _require(cfg.tasks.decoder_width >= 4, "tasks.decoder_width", "must be >= 4")
     _require(0 < cfg.tasks.layer_decay <= 1, "tasks.layer_decay", "must lie in (0, 1]")
     _require(0 <= cfg.tasks.frozen_fraction < 1, "tasks.frozen_fraction", "must lie in [0, 1)")
     _require(cfg.privacy.accountant in ("prv", "rdp"), "privacy.accountant", "must be prv or rdp")

@@ -305,7 +305,7 @@ def _local_job(job: tuple) -> tuple[list[dict], list[dict]]:
         finetune(model, task, train, settings, gen=make_generator(seed, "finetune", site, task_name),
                  device=torch.device("cpu"))
         rows.append(_row(arm, task, budget, seed, "local", site,
-                         evaluate(model, task, test, torch.device("cpu"))))
+                         evaluate(model, task, test, torch.device("cpu")), tuple(sorted(set(test.subjects)))))
         if arm == overlay_arm:
             overlays += _overlay(model, task, test, Path(out), arm, site)
     return rows, overlays
@@ -323,7 +323,8 @@ def local_finetune(cfg: FedCMRConfig, arms: dict[str, ArmResult], sites: list[Si
                 for seed in cfg.sim.seeds:
                     overlay = (fm if cfg.sim.overlays and site is sites[0] and seed == cfg.sim.seeds[0]
                                and budget == min(cfg.sim.label_budgets) else "")
-                    encoders = {name: str(arm.encoder_for(site.name)) for name, arm in arms.items()}
+                    encoders = {name: str(arm.encoder_for(site.name)) for name, arm in arms.items()
+                                if not cfg.sim.local_finetune_arms or name in cfg.sim.local_finetune_arms}
                     jobs.append((text, site.name, str(site.store), task, budget, seed, encoders,
                                  overlay, str(out)))
     rows, overlays = [], []
@@ -333,12 +334,14 @@ def local_finetune(cfg: FedCMRConfig, arms: dict[str, ArmResult], sites: list[Si
     return rows, overlays
 
 
-def _row(arm: str, task: Task, budget: int, seed: int, mode: str, site: str, metrics: dict) -> dict:
+def _row(arm: str, task: Task, budget: int, seed: int, mode: str, site: str, metrics: dict,
+         test_subjects: tuple[str, ...] = ()) -> dict:
+    """One evaluation; ``test_subjects`` are the held-out subjects' store pseudonyms."""
     metric = headline_metric(task)
     clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
     return {"arm": arm, "task": task.name, "budget": budget, "seed": seed, "mode": mode, "site": site,
             "metric": metric, "value": clean.get(metric), "metrics": clean,
-            "test_samples": int(metrics.get("samples", 0))}
+            "test_samples": int(metrics.get("samples", 0)), "test_subjects": list(test_subjects)}
 
 
 def _overlay(model: torch.nn.Module, task: Task, test, out: Path, arm: str,  # noqa: ANN001
@@ -374,7 +377,7 @@ def federated_finetune(cfg: FedCMRConfig, arms: dict[str, ArmResult], sites: lis
             raise ScenarioError(f"sim.federated_finetune_arms: '{name}' is not an arm with one "
                                 f"encoder for all sites (arms: {', '.join(arms)})")
         for task in cfg.tasks.names:
-            for budget in cfg.sim.label_budgets:
+            for budget in cfg.sim.federated_finetune_budgets or cfg.sim.label_budgets:
                 for seed in cfg.sim.seeds:
                     phases.append(PhaseSpec("finetune", task, max(1, cfg.federation.finetune_rounds),
                                             f"ft|{name}|{task}|{budget}|{seed}",

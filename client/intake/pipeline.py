@@ -410,7 +410,7 @@ def _ingest_files(run: _Run) -> None:
             known.pop(i)
         again = sorted(extra + assembly.reread())
         _read_pass(run, assembly, again, _Progress(None, 0, False), writer, settling=False)
-        run.summary.files_read = len(to_read) + len(again)
+        run.summary.files_read = len(to_read) + len(extra)  # files, however often opened
         writer.wait()  # every settled series is reported before any is finished again
         for key in sorted(assembly.parts):
             _finish(run, assembly.parts.pop(key), writer, early=False)

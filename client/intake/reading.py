@@ -1,6 +1,7 @@
 """Read one file: checks, pixels, geometry and pseudonymised identifiers, or a skip reason.
 
-Each file is read once (``dcmread`` with large elements deferred), checked before anything is
+Each file is read once (whole, by :mod:`client.intake.plain_dicom`, when it is laid out the
+plain way; else by ``dcmread`` with large elements deferred), checked before anything is
 decoded (modality, SOP class, burned-in annotation, declared pixel size against a limit and the
 file size, decoder availability), decoded, and each frame is resampled into the store grid and
 normalised here, so the series step only orders and stacks. What leaves this module is numbers,
@@ -30,6 +31,7 @@ from client.intake.bookkeeping import stat_fingerprint
 from client.intake.classify import text_hints, vendor_label
 from client.intake.deid import Pseudonymiser, quiet_pydicom, series_key
 from client.intake.geometry import resample_image
+from client.intake.plain_dicom import read_plain
 from client.intake.reasons import SkipFile
 from client.store import intensity_window
 
@@ -40,6 +42,7 @@ SUPPORTED_SOP_CLASSES = frozenset({MR_IMAGE, ENHANCED_MR_IMAGE, LEGACY_ENHANCED_
 NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
                                   "1.2.840.10008.1.2.1.99"})
 DEFER_SIZE = 16 * 1024 * 1024  # elements larger than this are read only after the size checks
+PLAIN_READ_MAX_BYTES = 64 * 1024 * 1024  # files up to this size are read whole (plain_dicom)
 
 # Tags read as raw bytes (fast, no value conversion); BaseTag keys skip pydicom's Tag() parsing.
 _T = {name: Tag(name) for name in (
@@ -466,6 +469,14 @@ class InstanceReader:
         size = stat.st_size
         if size > self.settings.max_file_bytes:
             raise SkipFile("file_too_large")
+        if size <= PLAIN_READ_MAX_BYTES:
+            try:
+                with open(path, "rb") as handle:
+                    ds = read_plain(handle.read())
+            except OSError:
+                raise SkipFile("unreadable_file") from None
+            if ds is not None:
+                return ds, stat
         try:
             ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         except InvalidDicomError:

@@ -130,12 +130,13 @@ class DenseDecoder(nn.Module):
 class DensePredictor(nn.Module):
     """Per-pixel outputs (segmentation logits or landmark heatmap logits) at input size."""
 
-    def __init__(self, encoder: Encoder, out_channels: int) -> None:
+    def __init__(self, encoder: Encoder, out_channels: int, width: int = 16) -> None:
         super().__init__()
         self.encoder = encoder
         encoder.taps = tuple(depth_indices(len(encoder.blocks)))
         self.patch_size = int(encoder.patch_embed.patch_size[0])
-        self.head = DenseDecoder(encoder.embed_dim, self.patch_size, len(encoder.taps), out_channels)
+        self.head = DenseDecoder(encoder.embed_dim, self.patch_size, len(encoder.taps), out_channels,
+                                 base_width=width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         taps = self.encoder(images)  # (B, T, N, D)
@@ -145,9 +146,11 @@ class DensePredictor(nn.Module):
         return self.head(images, list(maps.unbind(0)))
 
 
-def build_task_model(task: Task, encoder: Encoder) -> nn.Module:
+def build_task_model(task: Task, encoder: Encoder, decoder_width: int = 16) -> nn.Module:
+    """The encoder with the head of the task's kind (``decoder_width``: dense tasks' channels at
+    full resolution, doubling per level)."""
     if task.kind == TaskKind.frame_classification:
         return FrameClassifier(encoder, task.num_outputs)
     if task.kind == TaskKind.bag_classification:
         return BagClassifier(encoder, task.num_outputs)
-    return DensePredictor(encoder, task.num_outputs)
+    return DensePredictor(encoder, task.num_outputs, decoder_width)
