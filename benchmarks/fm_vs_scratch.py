@@ -60,7 +60,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config("demo-cpu", [f"ssl.method={args.method}", f"model.preset={args.preset}",
                                    "device=cpu", "tasks.mode=full", f"tasks.steps={args.finetune_steps}",
-                                   "tasks.batch_size=16", "ssl.dino.out_dim=1024"])
+                                   "tasks.batch_size=16", "tasks.decoder_width=16",
+                                   "ssl.batch_size=32", "ssl.dino.out_dim=1024"])
     size = get_preset(args.preset).image_size
     work = Path(tempfile.mkdtemp(prefix="fedcmr-fm-"))
     start = time.perf_counter()
@@ -99,7 +100,7 @@ def main() -> None:
                 encoder = build_encoder(args.preset)
                 if init == "FM":
                     encoder.load_state_dict(pretrained)
-                model = build_task_model(task, encoder)
+                model = build_task_model(task, encoder, cfg.tasks.decoder_width)
                 finetune(model, task, train, cfg.tasks, gen=make_generator(seed, "ft"), device=torch.device("cpu"))
                 dice = evaluate(model, task, test, torch.device("cpu"))["dice_mean"]
                 table.setdefault((budget, init), []).append(dice)

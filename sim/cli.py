@@ -20,27 +20,22 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(
     help="Config overrides as key=value, e.g. federation.rounds=3 sim.sites=3")]
 
 
-def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume: bool,
-              images_per_site: int) -> None:
+def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume: bool) -> None:
     from server.metrics import METRICS_CSV, METRICS_JSON
-    from shared_model.config import RESOLVED_CONFIG_NAME
+    from shared_model.config import RESOLVED_CONFIG_NAME, with_overrides
     from sim.runner import run_federation
-    from sim.sites import site_spec, write_site_frames
+    from sim.scenario import prepare_sites
 
     cfg = load_cli_config(preset, [*(overrides or []), *(["output.resume=true"] if resume else [])],
                           out=out)
-    if cfg.federation.min_sites is None:
-        cfg.federation.min_sites = cfg.sim.sites
-    elif cfg.federation.min_sites > cfg.sim.sites:
-        raise ConfigError(f"key 'federation.min_sites': {cfg.federation.min_sites} is more "
-                          f"than the {cfg.sim.sites} simulated sites (sim.sites)")
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    sites_root = out / "sites"
-    for index in range(cfg.sim.sites):
-        spec = site_spec(index, cfg.data.spacing_mm, cfg.data.crop_px)
-        write_site_frames(sites_root / f"site-{index}" / "store", spec, images_per_site, cfg.seed)
-    status = run_federation(cfg, sites_root)
+    sites = prepare_sites(cfg, out)  # the cohort as DICOM, through the nodes' intake
+    if cfg.federation.min_sites is not None and cfg.federation.min_sites > len(sites):
+        raise ConfigError(f"key 'federation.min_sites': {cfg.federation.min_sites} is more "
+                          f"than the {len(sites)} simulated sites")
+    cfg = with_overrides(cfg, [f"sim.sites={len(sites)}", "sim.real_sites=[]",
+                               f"federation.min_sites={cfg.federation.min_sites or len(sites)}"])
+    status = run_federation(cfg, out / "sites")
     elapsed = time.perf_counter() - start
     if status["status"] != "released":
         console.print(f"federation {status['status']} after {elapsed:.0f} s: {status['detail']}",
@@ -93,13 +88,11 @@ def federate(config: Annotated[str, typer.Argument(help="Preset name or YAML pat
              out: Annotated[Path, typer.Option("--out", help="Run folder to write into")],
              overrides: Overrides = None,
              resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out "
-                                                  "from its checkpoint at the next round")] = False,
-             images_per_site: Annotated[int, typer.Option(help="Phantom frames per simulated site "
-                                                          "(unlabelled)", min=1)] = 96) -> None:
-    """One federation (the ServerApp's phases and release) over simulated sites, without the
-    scenario's baselines; --resume continues an interrupted or paused run."""
+                                                  "from its checkpoint at the next round")] = False) -> None:
+    """One federation (the ServerApp's phases and release) over the scenario's sites (cohort
+    and intake as for `run`), without baselines; --resume continues an interrupted or paused run."""
     with user_errors():
-        _federate(config, out, overrides, resume, images_per_site)
+        _federate(config, out, overrides, resume)
 
 
 @app.command("config")

@@ -472,7 +472,8 @@ class InstanceReader:
         if size <= PLAIN_READ_MAX_BYTES:
             try:
                 with open(path, "rb") as handle:
-                    ds = read_plain(handle.read())
+                    data = handle.read(132)
+                    ds = read_plain(data + handle.read()) if data[128:] == b"DICM" else None
             except OSError:
                 raise SkipFile("unreadable_file") from None
             if ds is not None:

@@ -29,10 +29,11 @@ def _processes_mentioning(fragment: str) -> list[psutil.Process]:
 def demo_run(tmp_path_factory: pytest.TempPathFactory, ) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("demo")
     overrides = ["ssl.local_steps=2", "ssl.batch_size=8", "federation.rounds=2",
-                 "federation.finetune_rounds=0", "ssl.mae.decoder_depth=1", "ssl.mae.decoder_dim=64",
-                 "device=cpu"]
+                 "federation.finetune_rounds=1", "tasks.names=[sax_seg]", "tasks.steps=1",
+                 "sim.subjects_per_site=3", "sim.cine_phases=4", "sim.max_sax_slices=4",
+                 "ssl.mae.decoder_depth=1", "ssl.mae.decoder_dim=64", "device=cpu"]
     proc = subprocess.run([sys.executable, "-m", "sim", "federate", "demo-cpu", "--out", str(out),
-                           "--images-per-site", "16", *overrides],
+                           *overrides],
                           capture_output=True, text=True, timeout=600)
     return out, proc
 
@@ -44,10 +45,14 @@ def test_demo_writes_config_encoder_and_metrics(demo_run) -> None:
     cfg = config_from_yaml((out / "config.yaml").read_text(), "config.yaml")
     assert cfg.federation.rounds == 2 and cfg.sim.sites == 2
     records = json.loads((out / "metrics.json").read_text())
-    assert [r["round"] for r in records] == [1, 2]
-    assert all(r["status"] == "aggregated" for r in records)
-    assert all(set(r["sites"]) == {"site-0", "site-1"} for r in records)
-    assert "loss_mean" in records[-1]["aggregate"]
+    fits = [r for r in records if r["kind"] == "fit"]
+    assert [(r["phase"], r["round"]) for r in fits] == [("pretrain", 1), ("pretrain", 2), ("finetune:sax_seg", 3)]
+    assert all(r["status"] == "aggregated" for r in fits)
+    assert all(set(r["sites"]) == {"site-0", "site-1"} for r in fits)
+    assert "loss_mean" in fits[0]["aggregate"]
+    evaluation = [r for r in records if r["kind"] == "evaluate"]
+    assert evaluation and "dice_mean" in evaluation[-1]["aggregate"]
+    assert (out / "release" / "tasks" / "sax_seg.safetensors").is_file()
     assert (out / "metrics.csv").read_text().startswith("round,phase,kind,site")
     assert any((out / "tensorboard").iterdir())
     card = (out / "release" / "model_card.md").read_text()
