@@ -44,7 +44,7 @@ from shared_model.ssl import build_ssl_model, federated_keys
 from shared_model.tasks import Task, TaskData, get_task
 from shared_model.tasks.models import build_task_model
 from shared_model.train import Span, derive_seed, make_generator, make_optimizer, pretrain_local, resolve_device
-from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays
+from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays, strip_opacus
 
 STATE_TEACHER = "fedcmr.dino_teacher"
 STATE_HEAD = "fedcmr.head."
@@ -217,6 +217,7 @@ class FedCMRClient(NumPyClient):
 
     def _reply(self, state: dict[str, torch.Tensor], keys: list[str], count: int, plan: FedCMRConfig,
                metrics: dict[str, object]) -> tuple[list[np.ndarray], int, dict]:
+        state = strip_opacus(state)  # weights leave without any DP-SGD wrapper's key prefix
         arrays = state_dict_to_arrays({k: state[k].detach().to("cpu", torch.float32) for k in keys}, keys)
         # Under user-level DP every site weighs the same (the noise is calibrated to that);
         # under SecAgg+ example weights are capped at max_weight (the masking scales by them).

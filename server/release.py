@@ -17,6 +17,7 @@ from shared_model.config import FedCMRConfig, save_resolved_config, secagg_enabl
 from shared_model.encoders import get_preset
 from shared_model.files import atomic_write_text
 from shared_model.tasks import get_task
+from shared_model.weights import select_prefix
 
 RELEASE_DIR = "release"
 MODEL_CARD = "model_card.md"
@@ -31,9 +32,8 @@ def write_release(run_dir: Path, cfg: FedCMRConfig, state: ServerState, ledger: 
         save_encoder(out / ENCODER_FILE, state.foundation, cfg)
     for task, weights in state.tasks.items():
         save_task_model(out / TASKS_DIR / f"{task}.safetensors", get_task(task), weights)
-        if not state.foundation:
-            save_encoder(out / ENCODER_FILE, {k[8:]: v for k, v in weights.items()
-                                              if k.startswith("encoder.")}, cfg)
+        if not state.foundation:  # no pretraining phase: the fine-tuned encoder stands in
+            save_encoder(out / ENCODER_FILE, select_prefix(weights, "encoder."), cfg)
     atomic_write_text(out / MODEL_CARD, model_card(cfg, state, ledger, records))
     return out
 

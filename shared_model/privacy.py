@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from typing import Any
 
 import numpy as np
 import torch
 
-from shared_model.weights import strip_opacus
 
 
 
@@ -57,7 +56,6 @@ class PrivateTraining:
     loader: torch.utils.data.DataLoader
     engine: Any  # opacus.PrivacyEngine
     settings: DPSettings
-    history: list = field(default_factory=list)
 
     def epsilon(self) -> float:
         return float(self.engine.accountant.get_epsilon(delta=self.settings.delta)) \
@@ -66,10 +64,6 @@ class PrivateTraining:
     def accountant_state(self) -> list[list[float]]:
         """JSON-ready history: [noise_multiplier, sample_rate, steps] per entry."""
         return [[float(n), float(q), int(s)] for n, q, s in self.engine.accountant.history]
-
-    def unwrapped_state(self) -> dict[str, torch.Tensor]:
-        """The trained weights without Opacus' ``_module.`` prefix (what may leave the node)."""
-        return strip_opacus(self.model.state_dict())
 
     def close(self) -> None:
         """Remove Opacus' hooks and per-sample buffers from the underlying model."""

@@ -176,6 +176,7 @@ def run_steps(model: torch.nn.Module, batches: TensorBatches | LoaderBatches, st
     and at the end.
     """
     state = _resume(checkpoint, model, optimizer, gen, batches)
+    batch_iter = iter(batches)  # after the resume: the restored batch order comes first
     first_step = state.step if state else 0
     losses = list(state.losses) if state else []
     totals: dict[str, float] = {}
@@ -188,7 +189,7 @@ def run_steps(model: torch.nn.Module, batches: TensorBatches | LoaderBatches, st
         set_learning_rate(optimizer, learning_rate(base_lr, progress))
         optimizer.zero_grad(set_to_none=True)
         for _ in range(accumulate):
-            batch = tuple(t.to(device, non_blocking=True) for t in next(iter_batches(batches)))
+            batch = tuple(t.to(device, non_blocking=True) for t in next(batch_iter))
             images += int(batch[0].shape[0])
             with autocast_for(device):
                 loss, stats = step_fn(batch, progress)
@@ -209,15 +210,6 @@ def run_steps(model: torch.nn.Module, batches: TensorBatches | LoaderBatches, st
         loss_first=losses[0] if losses else math.nan, loss_last=losses[-1] if losses else math.nan,
         loss_mean=sum(losses) / len(losses) if losses else math.nan,
         stats={k: v / done for k, v in totals.items()}, resumed_from=first_step)
-
-
-def iter_batches(batches: TensorBatches | LoaderBatches) -> Iterator[tuple[torch.Tensor, ...]]:
-    """One persistent iterator per batch source (created on first use)."""
-    it = getattr(batches, "_iterator", None)
-    if it is None:
-        it = iter(batches)
-        batches._iterator = it  # type: ignore[union-attr]
-    return it
 
 
 def _resume(policy: CheckpointPolicy | None, model: torch.nn.Module,
