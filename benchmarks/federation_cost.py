@@ -95,7 +95,7 @@ def plain_loop_seconds(cfg, sites_root: Path, sites: int, repeats: int = 2) -> f
 def measure(work: Path, sites_root: Path, secagg: bool, args: argparse.Namespace) -> dict:
     out = work / ("secagg" if secagg else "plain")
     counts = work / f"uploads-{'secagg' if secagg else 'plain'}.jsonl"
-    overrides = [f"federation.rounds={args.rounds}", f"sim.sites={SITES}",
+    overrides = [f"federation.rounds={args.rounds}", "federation.finetune_rounds=0", f"sim.sites={SITES}",
                  f"federation.min_sites={SITES}", f"sim.cpus_per_site={2 / SITES:.3f}",
                  f"ssl.local_steps={args.local_steps}", "device=cpu", f"output.dir={out}",
                  f"federation.ssl_head={args.ssl_head}",

@@ -203,7 +203,7 @@ def run_phase(grid: Grid, context: Context, run_cfg: FedCMRConfig, spec: PhaseSp
 
 
 def _finish_phase(phase: PhaseInfo, model: torch.nn.Module, state: ServerState) -> None:
-    weights = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().float().clone() for k, v in model.state_dict().items()}
     if phase.name == PRETRAIN:
         state.foundation = select_prefix(weights, "encoder.")
     else:

@@ -28,9 +28,13 @@ class WeightsError(ValueError):
 
 def state_dict_to_arrays(state_dict: Mapping[str, torch.Tensor],
                          keys: Sequence[str] | None = None) -> list[np.ndarray]:
-    """Tensors as contiguous NumPy arrays, in ``keys`` order (default: the dict's order)."""
+    """Tensors as contiguous NumPy arrays, in ``keys`` order (default: the dict's order).
+
+    The arrays are copies: they never alias a model's parameters, so later training cannot
+    change what was already sent or checkpointed.
+    """
     keys = list(state_dict) if keys is None else list(keys)
-    return [np.ascontiguousarray(state_dict[k].detach().cpu().numpy()) for k in keys]
+    return [np.array(state_dict[k].detach().cpu().numpy(), copy=True, order="C") for k in keys]
 
 
 def arrays_to_state_dict(arrays: Sequence[np.ndarray], keys: Sequence[str],

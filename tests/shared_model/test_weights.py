@@ -35,6 +35,13 @@ def test_arrays_round_trip_is_exact(ssl_model: torch.nn.Module) -> None:
     for key in keys:
         assert torch.equal(back[key], state[key])
     assert all(isinstance(a, np.ndarray) and a.flags["C_CONTIGUOUS"] for a in arrays)
+    # Arrays are copies: training the model afterwards does not change what was sent.
+    with torch.no_grad():
+        ssl_model.encoder.pos_embed.add_(1.0)
+    assert not np.array_equal(arrays[keys.index("encoder.pos_embed")],
+                              ssl_model.state_dict()["encoder.pos_embed"].numpy())
+    with torch.no_grad():
+        ssl_model.encoder.pos_embed.sub_(1.0)
 
 
 def test_float64_aggregate_is_cast_back_to_model_dtype(ssl_model: torch.nn.Module) -> None:
