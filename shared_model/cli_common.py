@@ -14,9 +14,8 @@ from shared_model.config import ConfigError, FedCMRConfig, config_to_yaml, load_
 console = Console(stderr=True)
 
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn errors a user can fix into one clear line and exit status 2 (no traceback)."""
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix; imported only when something went wrong (the modules pull in torch)."""
     from client.store import StoreError
     from server.state import ResumeError
     from shared_model.bundle import BundleError
@@ -25,10 +24,18 @@ def user_errors() -> Iterator[None]:
     from shared_model.weights import WeightsError
     from sim.scenario import ScenarioError
 
+    return (ConfigError, StoreError, WeightsError, BundleError, CheckpointError, ResumeError,
+            PrivacyError, ScenarioError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors a user can fix into one clear line and exit status 2 (no traceback)."""
     try:
         yield
-    except (ConfigError, StoreError, WeightsError, BundleError, CheckpointError, ResumeError,
-            PrivacyError, ScenarioError, FileNotFoundError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_error_types()):
+            raise
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)
 

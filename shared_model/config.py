@@ -417,7 +417,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate_config(cfg: FedCMRConfig) -> None:
     """Checks that types alone cannot express (ranges, known names, consistency)."""
-    from shared_model.encoders import PRESETS
+    from shared_model.presets import PRESETS
 
     _require(cfg.model.preset in PRESETS, "model.preset",
              f"unknown encoder preset '{cfg.model.preset}'; known: {', '.join(PRESETS)}")

@@ -7,7 +7,6 @@ this module is imported, so a saved encoder loads with plain timm:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import timm
@@ -17,40 +16,7 @@ from timm.models import PretrainedCfg
 from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-
-@dataclass(frozen=True)
-class EncoderPreset:
-    """A named ViT architecture; ``image_size`` in pixels, ``patch_size`` in pixels."""
-
-    name: str
-    timm_name: str
-    image_size: int
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-
-    @property
-    def grid_size(self) -> int:
-        """Patches per side."""
-        return self.image_size // self.patch_size
-
-    def timm_kwargs(self) -> dict[str, Any]:
-        """The architecture arguments timm needs besides the name (for documentation)."""
-        return dict(img_size=self.image_size, patch_size=self.patch_size,
-                    embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
-
-
-PRESETS: dict[str, EncoderPreset] = {
-    p.name: p
-    for p in (
-        # CPU presets: ViT-tiny width, patch 8, shallow; fit 2 CPU cores.
-        EncoderPreset("vit-tiny-p8-64", "fedcmr_vit_tiny_p8_64", 64, 8, 192, 4, 3),
-        EncoderPreset("vit-tiny-p8-96", "fedcmr_vit_tiny_p8_96", 96, 8, 192, 6, 3),
-        # The paper's encoder: DINO ViT-S/8 at 224 px.
-        EncoderPreset("vit-small-p8-224", "vit_small_patch8_224", 224, 8, 384, 12, 6),
-    )
-}
+from shared_model.presets import PRESETS, EncoderPreset  # noqa: F401  (re-exported)
 
 
 def _register_with_timm(preset: EncoderPreset) -> None:
