@@ -49,7 +49,7 @@ def _tree_memory(process: psutil.Process) -> int:
     return total
 
 
-def measure(sites: int, rounds: int, local_steps: int) -> tuple[float, int]:
+def measure(sites: int, rounds: int, local_steps: int, limit_s: float) -> tuple[float, int]:
     work = tempfile.mkdtemp(prefix=f"fedcmr-scale-{sites}-")
     context = multiprocessing.get_context("spawn")
     child = context.Process(target=_federate, args=(sites, rounds, local_steps, work))
@@ -59,6 +59,12 @@ def measure(sites: int, rounds: int, local_steps: int) -> tuple[float, int]:
     peak = 0
     while child.is_alive():
         peak = max(peak, _tree_memory(watched))
+        if time.perf_counter() - start > limit_s:
+            for proc in watched.children(recursive=True):
+                proc.kill()
+            child.kill()
+            child.join()
+            raise SystemExit(f"{sites} sites: no result within {limit_s:g} s (stopped)")
         time.sleep(0.5)
     child.join()
     if child.exitcode != 0:
@@ -71,10 +77,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--limit-s", type=float, default=3600.0, help="per size; stops a stuck run")
     args = parser.parse_args()
     rows = []
     for sites in args.sizes:
-        seconds, peak = measure(sites, args.rounds, args.local_steps)
+        seconds, peak = measure(sites, args.rounds, args.local_steps, args.limit_s)
         rows.append((sites, seconds, peak))
         print(f"{sites} sites: {seconds:.1f} s, peak {peak / 2**30:.2f} GiB", flush=True)
     print(f"\n{'sites':>6s} {'wall s':>8s} {'s per site-round':>17s} {'peak GiB':>9s}")

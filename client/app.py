@@ -7,6 +7,9 @@ node's own settings (Flower ``node_config``), never the server's.
 
 Mods, outermost first:
 
+0. ``redact_errors``: an exception leaves the node as its type only (plus the fixed-form message
+   of the node's own refusals: policy, settings, clipping range, privacy), never free text that
+   could carry a path or a header value; the traceback stays in the node's own log.
 1. ``node_guard``: the node's own policy — refuses SecAgg+ settings weaker than it accepts, an
    unmask request naming a node both as active and as dropped (which would let the server
    unmask an individual update), and, if the node requires it, any round without SecAgg+.
@@ -18,18 +21,20 @@ Mods, outermost first:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client import Client
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
@@ -40,8 +45,10 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.federated import FedCMRClient
+from shared_model.privacy import PrivacyError
 
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+log = logging.getLogger(__name__)
 
 
 class NodeConfigError(ValueError):
@@ -50,6 +57,33 @@ class NodeConfigError(ValueError):
 
 class NodePolicyError(PermissionError):
     """The server asked for something this node's policy does not allow."""
+
+
+class ClippingRangeError(ValueError):
+    """An outgoing weight lies outside SecAgg+'s clipping range."""
+
+
+# Refusals whose messages are composed from numbers and setting names only: they may leave.
+PUBLIC_ERRORS: tuple[type[Exception], ...] = (NodePolicyError, NodeConfigError, ClippingRangeError,
+                                              PrivacyError)
+
+
+def public_reason(error: Exception) -> str:
+    """What the server may learn of a node's failure."""
+    if isinstance(error, PUBLIC_ERRORS):
+        return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__} (details in the node's log)"
+
+
+def redact_errors(msg: Message, context: Context,
+                  call_next: Callable[[Message, Context], Message]) -> Message:
+    """Outermost mod: a failure is logged here in full and replied as ``public_reason`` only."""
+    try:
+        return call_next(msg, context)
+    except Exception as error:  # noqa: BLE001  (the node keeps running; the server sees a failure)
+        log.exception("this node failed on a %s message", msg.metadata.message_type)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=public_reason(error)),
+                       reply_to=msg)
 
 
 @dataclass(frozen=True)
@@ -72,9 +106,17 @@ class NodeSettings:
     threads: int = 0  # CPU threads for torch (0: torch's default, all cores)
 
 
+def _int_setting(node: dict, key: str, default: int) -> int:
+    value = node.get(key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node_config '{key}' must be an integer, got {value!r}") from None
+
+
 def _policy(node: dict) -> NodePolicy:
-    return NodePolicy(min_secagg_threshold=int(node.get("min-secagg-threshold", 2)),
-                      min_secagg_shares=int(node.get("min-secagg-shares", 2)),
+    return NodePolicy(min_secagg_threshold=_int_setting(node, "min-secagg-threshold", 2),
+                      min_secagg_shares=_int_setting(node, "min-secagg-shares", 2),
                       require_secagg=str(node.get("require-secagg", "false")).lower() in ("1", "true"))
 
 
@@ -87,8 +129,8 @@ def node_settings_from_context(context: Context) -> NodeSettings:
     node = dict(context.node_config)
     if "store" in node:
         return NodeSettings(store=Path(str(node["store"])), device=str(node.get("device", "auto")),
-                            site_index=int(node.get("site-index", 0)), policy=_policy(node),
-                            threads=int(node.get("threads", 0)))
+                            site_index=_int_setting(node, "site-index", 0), policy=_policy(node),
+                            threads=_int_setting(node, "threads", 0))
     if "partition-id" in node and "sim-root" in context.run_config:
         index = int(node["partition-id"])
         return NodeSettings(store=Path(str(context.run_config["sim-root"])) / f"site-{index}" / "store",
@@ -148,7 +190,7 @@ def clipping_range_check(msg: Message, context: Context,
     for index, array in enumerate(arrays):
         peak = float(np.abs(array).max()) if array.size else 0.0
         if peak > limit:
-            raise ValueError(f"weight array {index} reaches {peak:.3g}, outside SecAgg+'s clipping "
+            raise ClippingRangeError(f"weight array {index} reaches {peak:.3g}, outside SecAgg+'s clipping "
                              f"range +-{limit:g}; raise federation.secagg.clipping_range on the "
                              "server (SecAgg+ would otherwise clip it silently)")
     return reply
@@ -168,7 +210,7 @@ def build_client_app(settings_fn: Callable[[Context], NodeSettings] = node_setti
                      extra_mods: list[Mod] | None = None) -> ClientApp:
     """A ClientApp whose nodes find their settings with ``settings_fn(context)``.
 
-    ``extra_mods`` go outermost (simulations use this to inject faults).
+    ``extra_mods`` go right inside ``redact_errors`` (simulations use this to inject faults).
     """
 
     def client_fn(context: Context) -> Client:
@@ -180,7 +222,7 @@ def build_client_app(settings_fn: Callable[[Context], NodeSettings] = node_setti
     def guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         return node_guard(settings_fn(context).policy)(msg, context, call_next)
 
-    mods = [*(extra_mods or []), guard, secure_aggregation, clipping_range_check, update_clipping]
+    mods = [redact_errors, *(extra_mods or []), guard, secure_aggregation, clipping_range_check, update_clipping]
     return ClientApp(client_fn=client_fn, mods=mods)
 
 

@@ -32,22 +32,27 @@ def presets() -> None:
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="A federation's output.dir")]) -> None:
     """A run's state: outcome, rounds per phase, the latest checkpoint and the privacy ledger."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
     from server.app import STATUS_FILE
     from server.ledger import PrivacyLedger
-    from server.metrics import read_records
+    from server.metrics import RunFileError, read_json_file, read_records
     from server.state import CHECKPOINT_FILE, load_state
     from shared_model.config import RESOLVED_CONFIG_NAME, load_config
 
     with user_errors():
         console = Console()
         outcome = run_dir / STATUS_FILE
-        console.print(f"status: {json.loads(outcome.read_text())['status'] if outcome.is_file() else 'running or interrupted'}",
-                      highlight=False)
+        state_text = "running or interrupted"
+        if outcome.is_file():
+            written = read_json_file(outcome, "restore it, or delete it (the run rewrites it "
+                                              "when it ends)")
+            if not isinstance(written, dict) or not isinstance(written.get("status"), str):
+                raise RunFileError(f"{outcome}: no 'status' field; restore it, or delete it (the "
+                                   "run rewrites it when it ends)")
+            state_text = written["status"]
+        console.print(f"status: {state_text}", highlight=False)
         phases: dict[str, list[dict]] = {}
         for record in read_records(run_dir):
             if record["kind"] == "fit":

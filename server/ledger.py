@@ -23,6 +23,10 @@ from shared_model.privacy import epsilon_for
 MECHANISMS = ("user", "sample")
 
 
+class LedgerError(ValueError):
+    """A ledger text that cannot be read back; the message names the field."""
+
+
 @dataclass
 class LedgerEntry:
     round: int  # global round number across phases
@@ -31,6 +35,11 @@ class LedgerEntry:
     noise_multiplier: float
     sample_rate: float
     steps: int
+
+
+_ENTRY_TYPES: dict[str, type | tuple[type, ...]] = {
+    "round": int, "phase": str, "mechanism": str, "noise_multiplier": (int, float),
+    "sample_rate": (int, float), "steps": int}
 
 
 @dataclass
@@ -79,6 +88,28 @@ class PrivacyLedger:
 
     @classmethod
     def from_json(cls, text: str) -> PrivacyLedger:
-        raw = json.loads(text)
-        entries = {s: [LedgerEntry(**e) for e in es] for s, es in raw["entries"].items()}
-        return cls(delta=float(raw["delta"]), accountant=str(raw["accountant"]), entries=entries)
+        """The ledger from :meth:`to_json`; :class:`LedgerError` naming the field if damaged."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LedgerError(f"privacy ledger is not JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise LedgerError("privacy ledger is not a JSON object")
+        for name, kind in (("delta", (int, float)), ("accountant", str), ("entries", dict)):
+            if not isinstance(raw.get(name), kind) or isinstance(raw.get(name), bool):
+                raise LedgerError(f"privacy ledger field '{name}' is missing or of the wrong type")
+        entries: dict[str, list[LedgerEntry]] = {}
+        for site, rows in raw["entries"].items():
+            if not isinstance(rows, list):
+                raise LedgerError(f"privacy ledger field 'entries.{site}' is not a list")
+            for row in rows:
+                if not isinstance(row, dict) or set(row) != set(_ENTRY_TYPES):
+                    raise LedgerError(f"privacy ledger field 'entries.{site}': an entry needs "
+                                      f"exactly the fields {', '.join(_ENTRY_TYPES)}")
+                wrong = [k for k, kind in _ENTRY_TYPES.items()
+                         if not isinstance(row[k], kind) or isinstance(row[k], bool)]
+                if wrong:
+                    raise LedgerError(f"privacy ledger field 'entries.{site}.{wrong[0]}' has the "
+                                      "wrong type")
+            entries[site] = [LedgerEntry(**row) for row in rows]
+        return cls(delta=float(raw["delta"]), accountant=raw["accountant"], entries=entries)

@@ -106,7 +106,44 @@ class MetricsLog:
         return buffer.getvalue()
 
 
+class RunFileError(ValueError):
+    """A file of a run folder (metrics.json, status.json) that cannot be read; names the file."""
+
+
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "round": int, "phase": str, "status": str, "seconds": (int, float), "sites": dict,
+    "aggregate": dict, "excluded": dict, "kind": str}
+_RECORD_DEFAULTS = {"excluded": {}, "kind": "fit"}
+
+
+def read_json_file(path: Path, what: str) -> object:
+    """A run folder's JSON file, or :class:`RunFileError` naming it (``what``: what to do)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunFileError(f"{path}: not readable JSON ({exc}); {what}") from exc
+
+
 def read_records(run_dir: str | Path) -> list[dict]:
-    """The per-round records a run wrote (empty if it wrote none)."""
+    """The per-round records a run wrote (none: empty); :class:`RunFileError` if damaged."""
     path = Path(run_dir) / METRICS_JSON
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if not path.is_file():
+        return []
+    fix = "restore it, or move it away to start the records afresh"
+    raw = read_json_file(path, fix)
+    if not isinstance(raw, list):
+        raise RunFileError(f"{path}: expected a list of round records; {fix}")
+    records = []
+    for i, record in enumerate(raw):
+        if not isinstance(record, dict):
+            raise RunFileError(f"{path}: record {i} is not an object; {fix}")
+        record = {**_RECORD_DEFAULTS, **record}
+        unknown = sorted(set(record) - set(_RECORD_TYPES))
+        if unknown:
+            raise RunFileError(f"{path}: record {i} has unknown field '{unknown[0]}'; {fix}")
+        for name, kind in _RECORD_TYPES.items():
+            if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
+                raise RunFileError(f"{path}: record {i} field '{name}' is missing or of the "
+                                   f"wrong type; {fix}")
+        records.append(record)
+    return records

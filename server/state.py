@@ -82,7 +82,27 @@ def save_state(run_dir: Path, state: ServerState, cfg: FedCMRConfig) -> Path:
     return save_safetensors(run_dir / CHECKPOINT_FILE, tensors, {"fedcmr": json.dumps(meta)})
 
 
+def _damaged(path: Path, what: str) -> ResumeError:
+    return ResumeError(f"{path}: damaged checkpoint ({what}); restore it from a backup or start "
+                       "a new run in another folder")
+
+
+def _meta_field(meta: dict, name: str, kind: type, path: Path):  # noqa: ANN202 - kind's type
+    value = meta.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _damaged(path, f"metadata field '{name}' is missing or not a {kind.__name__}")
+    return value
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise _damaged(path, f"tensor '{key}' is missing")
+    return tensors[key]
+
+
 def load_state(run_dir: Path, cfg: FedCMRConfig) -> ServerState:
+    from server.ledger import LedgerError, PrivacyLedger
+
     path = run_dir / CHECKPOINT_FILE
     if not path.is_file():
         raise ResumeError(f"{path}: no checkpoint to resume from; start without --resume")
@@ -90,27 +110,42 @@ def load_state(run_dir: Path, cfg: FedCMRConfig) -> ServerState:
         tensors, raw = load_safetensors(path)
         meta = json.loads(raw["fedcmr"])
     except (WeightsError, KeyError, json.JSONDecodeError) as exc:
-        raise ResumeError(f"{path}: damaged checkpoint ({exc}); restore it from a backup or "
-                          "start a new run in another folder") from exc
-    if meta.get("format") != FORMAT:
+        raise _damaged(path, str(exc)) from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ResumeError(f"{path}: not a FedCMR server checkpoint")
-    if meta["fingerprint"] != config_fingerprint(cfg):
+    if _meta_field(meta, "fingerprint", str, path) != config_fingerprint(cfg):
         raise ResumeError(f"{path} was written by a run with another config; resume with the "
                           f"run's own config ({run_dir / 'config.yaml'}) or start a new run")
-    arrays = [tensors[f"phase/{k}"].numpy() for k in meta["phase_keys"]]
-    if weights_hash(arrays) != meta["weights_sha256"]:
+    phase_keys = _meta_field(meta, "phase_keys", list, path)
+    if not all(isinstance(k, str) for k in phase_keys):
+        raise _damaged(path, "metadata field 'phase_keys' holds a non-string")
+    arrays = [_tensor(tensors, f"phase/{k}", path).numpy() for k in phase_keys]
+    if weights_hash(arrays) != _meta_field(meta, "weights_sha256", str, path):
         raise ResumeError(f"{path}: global weights do not match their recorded hash; the file "
                           "is damaged")
     tasks: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("task/"):
-            _, task, name = key.split("/", 2)
-            tasks.setdefault(task, {})[name] = value
-    optimizer = {name: [tensors[f"opt/{name}/{i}"].numpy() for i in range(count)]
-                 for name, count in meta["optimizer"].items()}
+            parts = key.split("/", 2)
+            if len(parts) != 3:
+                raise _damaged(path, f"tensor name '{key}' is not task/<task>/<name>")
+            tasks.setdefault(parts[1], {})[parts[2]] = value
+    counts = _meta_field(meta, "optimizer", dict, path)
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts.values()):
+        raise _damaged(path, "metadata field 'optimizer' holds a count that is not a whole number")
+    optimizer = {name: [_tensor(tensors, f"opt/{name}/{i}", path).numpy() for i in range(count)]
+                 for name, count in counts.items()}
+    ledger_json = _meta_field(meta, "ledger", str, path)
+    if ledger_json:
+        try:
+            PrivacyLedger.from_json(ledger_json)
+        except LedgerError as exc:
+            raise _damaged(path, f"metadata field 'ledger': {exc}") from exc
+    phases_done = _meta_field(meta, "phases_done", list, path)
     return ServerState(
-        global_round=int(meta["global_round"]), phase=str(meta["phase"]),
-        phase_round=int(meta["phase_round"]), phase_keys=list(meta["phase_keys"]),
+        global_round=_meta_field(meta, "global_round", int, path),
+        phase=_meta_field(meta, "phase", str, path),
+        phase_round=_meta_field(meta, "phase_round", int, path), phase_keys=list(phase_keys),
         phase_arrays=arrays, foundation={k[3:]: v for k, v in tensors.items() if k.startswith("fm/")},
-        tasks=tasks, optimizer=optimizer, ledger_json=str(meta["ledger"]),
-        phases_done=list(meta["phases_done"]))
+        tasks=tasks, optimizer=optimizer, ledger_json=ledger_json,
+        phases_done=[str(p) for p in phases_done])

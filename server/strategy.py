@@ -43,6 +43,7 @@ from client.protocol import (
     SPAN_END_KEY,
     SPAN_START_KEY,
     TASK_KEY,
+    outgoing_metrics,
 )
 from server.aggregators import set_current
 from server.ledger import LedgerEntry, PrivacyLedger
@@ -137,6 +138,7 @@ class PhaseStrategy(Strategy):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        _keep_allowed_metrics(results)
         excluded = {f"failure-{i}": _describe(f) for i, f in enumerate(failures)}
         valid = results if self.secure else self._validated(results, excluded)
         if self.cfg.privacy.mode == PrivacyMode.user:
@@ -180,6 +182,7 @@ class PhaseStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
                            failures: list) -> tuple[float | None, dict[str, Scalar]]:
+        _keep_allowed_metrics(results)
         loss, aggregate = self.inner.aggregate_evaluate(self._phase_round(server_round), results, failures)
         sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, "loss": r.loss, **r.metrics}
                  for p, r in results}
@@ -269,6 +272,12 @@ class PhaseStrategy(Strategy):
             round=self._global_round(server_round), phase=self.phase.label, status=status,
             seconds=time.perf_counter() - self._started, sites=sites, aggregate=aggregate,
             excluded=excluded, kind="fit"))
+
+
+def _keep_allowed_metrics(results: list[tuple[ClientProxy, FitRes | EvaluateRes]]) -> None:
+    """Whatever a node sent, only allow-listed finite scalars are kept, logged or aggregated."""
+    for _, res in results:
+        res.metrics = outgoing_metrics(dict(res.metrics))
 
 
 def _describe(failure: object) -> str:

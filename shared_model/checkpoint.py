@@ -60,24 +60,44 @@ def save_loop_state(path: str | Path, state: LoopState) -> Path:
     return save_safetensors(path, tensors, {"fedcmr": json.dumps(meta)})
 
 
+def _damaged(path: str | Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a usable training checkpoint ({what}); delete it to "
+                           "start the session afresh, or restore the file")
+
+
 def load_loop_state(path: str | Path) -> LoopState:
     try:
         tensors, raw_meta = load_safetensors(path)
         meta = json.loads(raw_meta["fedcmr"])
     except (WeightsError, KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a usable training checkpoint ({exc}); delete it to "
-                              "start the session afresh, or restore the file") from exc
-    if meta.get("format") != FORMAT:
+        raise _damaged(path, str(exc)) from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a FedCMR training checkpoint")
+    for name, kind in (("step", int), ("optimizer", dict), ("losses", list), ("dp_history", list)):
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            raise _damaged(path, f"metadata field '{name}' is missing or not a {kind.__name__}")
+    for name, kind in (("scalars", dict), ("param_groups", list)):
+        if not isinstance(meta["optimizer"].get(name), kind):
+            raise _damaged(path, f"metadata field 'optimizer.{name}' is missing or not a "
+                                 f"{kind.__name__}")
+    for key in ("rng/generator", "rng/batch_order"):
+        if key not in tensors:
+            raise _damaged(path, f"tensor '{key}' is missing")
     optim_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, param_id, name = key.split("/", 2)
-            optim_state.setdefault(int(param_id), {})[name] = value
+    try:
+        for key, value in tensors.items():
+            if key.startswith("optim/"):
+                _, param_id, name = key.split("/", 2)
+                optim_state.setdefault(int(param_id), {})[name] = value
+    except ValueError as exc:
+        raise _damaged(path, f"tensor '{key}' is not optim/<param>/<name>") from exc
     for param_id, slots in meta["optimizer"]["scalars"].items():
+        if not isinstance(slots, dict) or not param_id.isdigit():
+            raise _damaged(path, f"metadata field 'optimizer.scalars.{param_id}' is not a "
+                                 "parameter's scalars")
         optim_state.setdefault(int(param_id), {}).update(slots)
     return LoopState(
-        step=int(meta["step"]),
+        step=meta["step"],
         model={k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
         optimizer={"state": optim_state, "param_groups": meta["optimizer"]["param_groups"]},
         generator=tensors["rng/generator"], batch_order=tensors["rng/batch_order"],

@@ -16,7 +16,10 @@ console = Console(stderr=True)
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Errors a user can fix; imported only when something went wrong (the modules pull in torch)."""
+    from client.intake.label_files import LabelFileError
+    from client.intake.pipeline import IntakeError
     from client.store import StoreError
+    from server.metrics import RunFileError
     from server.state import ResumeError
     from shared_model.bundle import BundleError
     from shared_model.checkpoint import CheckpointError
@@ -25,7 +28,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from sim.scenario import ScenarioError
 
     return (ConfigError, StoreError, WeightsError, BundleError, CheckpointError, ResumeError,
-            PrivacyError, ScenarioError, FileNotFoundError)
+            PrivacyError, ScenarioError, IntakeError, LabelFileError, RunFileError,
+            FileNotFoundError)
 
 
 @contextlib.contextmanager

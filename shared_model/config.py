@@ -319,8 +319,9 @@ def resolve_preset_path(preset: str | Path) -> Path:
     candidate = config_dir() / f"{preset}.yaml"
     if not candidate.is_file():
         raise ConfigError(
-            f"unknown config preset '{preset}'; available: {', '.join(available_presets())} "
-            "(or pass a path to a YAML file)"
+            f"unknown config preset '{preset}'; available in {config_dir()}: "
+            f"{', '.join(available_presets()) or 'none'} (pass a path to a YAML file, or point "
+            f"${CONFIG_DIR_ENV} at a folder of presets)"
         )
     return candidate
 

@@ -91,11 +91,20 @@ class LoaderBatches:
         self.loader = loader
         self.order = torch.empty(0, dtype=torch.long)
 
+    MAX_EMPTY_IN_A_ROW = 1000
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        empty = 0
         while True:
             for batch in self.loader:
                 if len(batch[0]) > 0:
+                    empty = 0
                     yield tuple(batch)
+                else:
+                    empty += 1
+                    if empty >= self.MAX_EMPTY_IN_A_ROW:
+                        raise ValueError(f"DP-SGD's Poisson sampling drew {empty} empty batches in a "
+                                         "row; raise the batch size (the sample rate) or add samples")
 
 
 def learning_rate(base_lr: float, progress: float, warmup: float = 0.05,

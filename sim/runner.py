@@ -95,8 +95,9 @@ def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None 
     run_dir = Path(cfg.output.dir)
     backend_config = {
         "client_resources": {"num_cpus": cfg.sim.cpus_per_site, "num_gpus": 0.0},
+        # Ray's own services bind the loopback address only (its default is the host's routable IP).
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
-                      "configure_logging": False},
+                      "configure_logging": False, "_node_ip_address": "127.0.0.1"},
     }
     with flower_environment(run_dir):
         try:

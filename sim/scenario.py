@@ -242,7 +242,7 @@ def baseline_arms(cfg: FedCMRConfig, out: Path, sites: list[Site]) -> dict[str, 
                        name, "all", str(out / "arms" / name / "encoder.safetensors"))]
     flat = [(name, job) for name, group in jobs.items() for job in group]
     start = time.perf_counter()
-    outcomes = parallel_map(_pretrain_job, [job for _, job in flat])
+    outcomes = parallel_map(_pretrain_job, [job for _, job in flat], label="local and central pretraining")
     arms: dict[str, ArmResult] = {}
     for (name, job), (path, curves) in zip(flat, outcomes, strict=True):
         kind = name.split("-", 1)[0]
@@ -254,17 +254,33 @@ def baseline_arms(cfg: FedCMRConfig, out: Path, sites: list[Site]) -> dict[str, 
     return arms
 
 
-def parallel_map(fn, jobs: list, workers: int = 2) -> list:  # noqa: ANN001
-    """``fn`` over ``jobs`` in separate single-threaded processes (spawned: no forked OpenMP)."""
+def parallel_map(fn, jobs: list, workers: int = 2, label: str = "") -> list:  # noqa: ANN001
+    """``fn`` over ``jobs`` in separate single-threaded processes (spawned: no forked OpenMP);
+    with ``label``, a progress bar on the console counts finished jobs."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    if len(jobs) <= 1 or workers <= 1:
-        return [fn(job) for job in jobs]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
-                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(fn, jobs))
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=Console(stderr=True), disable=not label)
+    with progress:
+        bar = progress.add_task(label, total=len(jobs))
+        if len(jobs) <= 1 or workers <= 1:
+            results = []
+            for job in jobs:
+                results.append(fn(job))
+                progress.advance(bar)
+            return results
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            results = []
+            for result in pool.map(fn, jobs):
+                results.append(result)
+                progress.advance(bar)
+            return results
 
 
 def scratch_arm(cfg: FedCMRConfig, out: Path) -> ArmResult:
@@ -328,7 +344,7 @@ def local_finetune(cfg: FedCMRConfig, arms: dict[str, ArmResult], sites: list[Si
                     jobs.append((text, site.name, str(site.store), task, budget, seed, encoders,
                                  overlay, str(out)))
     rows, overlays = [], []
-    for job_rows, job_overlays in parallel_map(_local_job, jobs):
+    for job_rows, job_overlays in parallel_map(_local_job, jobs, label="local fine-tuning"):
         rows += job_rows
         overlays += job_overlays
     return rows, overlays

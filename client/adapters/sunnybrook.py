@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import pydicom
 
 from client.intake.deid import Pseudonymiser, quiet_pydicom
 from client.intake.geometry import grid_indices, slice_normal
-from client.intake.label_files import NodeLabels, SeriesLabels
+from client.intake.label_files import LabelFileError, NodeLabels, SeriesLabels
 from client.intake.pipeline import IngestOptions, IntakeError, open_store, run_dicom_intake
 from client.intake.reading import instance_geometry
 from client.intake.summary import IngestSummary
@@ -72,10 +73,16 @@ def polygon_area(points_xy: np.ndarray) -> float:
 
 
 def read_contour(path: Path) -> np.ndarray:
-    """(N, 2) array of (x = column, y = row)."""
-    points = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    if points.shape[1] != 2 or len(points) < 3:
-        raise ValueError(f"{path}: expected at least 3 lines of 'x y'")
+    """(N, 2) array of (x = column, y = row); :class:`LabelFileError` naming the file if damaged."""
+    try:
+        with warnings.catch_warnings():  # an empty file is reported below, not as a warning
+            warnings.simplefilter("ignore", UserWarning)
+            points = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except (OSError, ValueError) as exc:  # numpy: ValueError on text that is not numbers
+        raise LabelFileError(f"{path}: unreadable contour ({exc}); expected lines of 'x y' "
+                             "pixel coordinates") from exc
+    if points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
+        raise LabelFileError(f"{path}: expected at least 3 lines of 'x y' pixel coordinates")
     return points
 
 
@@ -129,10 +136,14 @@ def _series_labels(headers: dict[int, dict], contours: dict[str, dict[int, Path]
             problems["contour_without_image"] += 1
             continue
         s, t = grid[instance]
-        blood = rasterise_polygon(read_contour(path), rows, cols)
         outer = contours["o"].get(instance)
-        if outer is not None:
-            epi = rasterise_polygon(read_contour(outer), rows, cols)
+        try:  # a damaged contour file costs its frame, like the intake's unreadable masks
+            blood = rasterise_polygon(read_contour(path), rows, cols)
+            epi = None if outer is None else rasterise_polygon(read_contour(outer), rows, cols)
+        except LabelFileError:
+            problems["unreadable_contour"] += 1
+            continue
+        if epi is not None:
             mask[s, t][epi & ~blood] = MASK_VALUES["lv_myo"]
             labels.labeled_frames.append((s, t))
             ed_phases[t] += 1
@@ -157,12 +168,34 @@ def _digest(paths: list[Path], extra: str) -> str:
     return digest.hexdigest()
 
 
+def _links(path: Path) -> list[tuple[str, str]]:
+    """(patient folder, original id) per row of ``link.csv``; :class:`IntakeError` if damaged."""
+    columns = ("patient_id", "original_id")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise IntakeError(f"{path}: missing column(s) {', '.join(missing)}; expected "
+                                  f"header {','.join(columns)}")
+            links = []
+            for row in reader:
+                values = [(row.get(c) or "").strip() for c in columns]
+                if not all(values):
+                    empty = [c for c, v in zip(columns, values) if not v]
+                    raise IntakeError(f"{path}, line {reader.line_num}: no {', '.join(empty)}; "
+                                      f"every row needs {','.join(columns)}")
+                links.append((values[0], values[1]))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise IntakeError(f"{path}: not a readable CSV ({exc}); expected header "
+                          f"{','.join(columns)}") from exc
+    return links
+
+
 def sunnybrook_labels(root: Path, pseudonymiser: Pseudonymiser) -> NodeLabels:
     """Contours of every patient in ``link.csv`` as labels keyed by store series UID."""
     out = NodeLabels()
-    with open(root / "link.csv", newline="", encoding="utf-8") as handle:
-        links = [(r["patient_id"].strip(), r["original_id"].strip()) for r in csv.DictReader(handle)]
-    for patient, original in links:
+    for patient, original in _links(root / "link.csv"):
         headers = _headers(root / "dicoms" / patient)
         contours = _contours(root / "contours" / original)
         if not headers or not contours["i"]:

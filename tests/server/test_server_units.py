@@ -1,20 +1,24 @@
 """Server pieces without the engine: validation, ledger, checkpoint, node guard, strategy."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from typer.testing import CliRunner
 
 from client.app import NodePolicy, NodePolicyError, check_secagg_request
+from server import cli as server_cli
 from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
-from server.ledger import LedgerEntry, PrivacyLedger
+from server.ledger import LedgerEntry, LedgerError, PrivacyLedger
 from server.state import ResumeError, ServerState, load_state, save_state, weights_hash
 from server.strategy import PhaseInfo, PhaseStrategy
 from server.validation import UpdateBounds, update_problem
 from shared_model.config import load_config
 from shared_model.privacy import epsilon_for
+from shared_model.weights import load_safetensors, save_safetensors
 
 GLOBAL = [np.zeros((4, 3), np.float32), np.ones(5, np.float32)]
 BOUNDS = UpdateBounds(max_update_norm=10.0, min_examples=1, max_examples=1000)
@@ -141,6 +145,59 @@ def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
         load_state(tmp_path / "elsewhere", cfg)
 
 
+def _rewrite_checkpoint(path: Path, edit) -> None:  # noqa: ANN001 - edit(tensors, meta)
+    tensors, raw = load_safetensors(path)
+    meta = json.loads(raw["fedcmr"])
+    edit(tensors, meta)
+    save_safetensors(path, tensors, {"fedcmr": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda t, m: m.pop("phase_keys"), "'phase_keys'"),
+    (lambda t, m: m.pop("global_round"), "'global_round'"),
+    (lambda t, m: m.update(optimizer=None), "'optimizer'"),
+    (lambda t, m: t.pop("opt/m_t/0"), "'opt/m_t/0'"),
+    (lambda t, m: m.update(ledger='{"delta": 1e-05, "accountant": "prv"}'), "'entries'"),
+])
+def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit, fragment) -> None:  # noqa: ANN001
+    # Prepare: a good checkpoint with one field or tensor removed
+    cfg = load_config("demo-cpu", [f"output.dir={tmp_path}"])
+    path = save_state(tmp_path, _state(), cfg)
+    _rewrite_checkpoint(path, edit)
+
+    # Execute / Assert: a ResumeError naming the file and the field
+    with pytest.raises(ResumeError, match=fragment) as caught:
+        load_state(tmp_path, cfg)
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"delta": 1e-05, "accountant": "prv"}', "'entries'"),
+    ('{"delta": 1e-05, "accountant": "prv", "entries": {"s": [{"round": 1}]}}', "entries.s"),
+    ("[]", "JSON object"),
+])
+def test_damaged_ledger_text_names_the_field(text: str, fragment: str) -> None:
+    with pytest.raises(LedgerError, match=fragment):
+        PrivacyLedger.from_json(text)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("status.json", "{not json"), ("status.json", '{"detail": "x"}'),
+    ("metrics.json", "[1, 2"), ("metrics.json", '[{"round": 1}]'),
+])
+def test_status_of_a_run_with_damaged_files_is_one_line_and_exit_2(tmp_path: Path, name: str,
+                                                                     text: str) -> None:
+    # Prepare
+    (tmp_path / name).write_text(text)
+
+    # Execute
+    result = CliRunner().invoke(server_cli.app, ["status", str(tmp_path)])
+
+    # Assert: exit 2, the file named, no traceback
+    assert result.exit_code == 2, result.output
+    assert name in result.output and "Traceback" not in result.output
+
+
 def test_server_optimizer_state_is_restored() -> None:
     cfg = load_config("demo-cpu", ["federation.min_sites=2", "federation.aggregator=fedadam"])
     inner = build_aggregator(cfg, GLOBAL, lambda items: {}, evaluate=False)
@@ -163,3 +220,41 @@ def test_node_guard_refuses_weak_secagg_and_contradictory_unmask() -> None:
     with pytest.raises(NodePolicyError, match="both as active and as dropped"):
         check_secagg_request({"stage": "unmask", "active_nids": [1, 2], "dead_nids": [2]}, policy)
     check_secagg_request({"stage": "unmask", "active_nids": [1, 2], "dead_nids": [3]}, policy)
+
+
+def test_node_failures_leave_as_their_type_only_and_refusals_with_their_message(monkeypatch) -> None:
+    # Arrange: a failure whose text carries a local path, and a policy refusal
+    from flwr.app import Message, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import redact_errors
+
+    for field, value in (("_run_id", 1), ("_node_id", 7), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, field, value)  # a node process knows its run
+
+    msg = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN, group_id="1")
+
+    def leaky(message, context):  # noqa: ANN001, ANN202
+        raise FileNotFoundError("/data/Doe^John_1970/series 12/IM0001 not found")
+
+    def refuses(message, context):  # noqa: ANN001, ANN202
+        raise NodePolicyError("SecAgg+ with threshold 1 and 2 shares is below this node's policy")
+
+    # Act
+    leaked = redact_errors(msg, None, leaky)
+    refused = redact_errors(msg, None, refuses)
+
+    # Assert: the server learns the type, never the text; the node's own refusal keeps its words
+    assert leaked.has_error() and "Doe" not in leaked.error.reason and "/data" not in leaked.error.reason
+    assert leaked.error.reason.startswith("FileNotFoundError")
+    assert refused.has_error() and "below this node's policy" in refused.error.reason
+
+
+def test_server_keeps_only_allow_listed_scalar_metrics_from_nodes() -> None:
+    from server.strategy import _keep_allowed_metrics
+
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(GLOBAL), 10,
+                 {"loss_mean": 0.5, "site_index": 1, "PatientName": "Doe^John", "note": "x"})
+    _keep_allowed_metrics([(None, res)])
+    assert res.metrics == {"loss_mean": 0.5, "site_index": 1}

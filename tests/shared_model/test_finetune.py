@@ -1,11 +1,12 @@
 """Fine-tuning modes, layer-wise decay, DP-SGD with an accountant, and mid-session resume."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from shared_model.checkpoint import CheckpointError
+from shared_model.checkpoint import CheckpointError, LoopState, load_loop_state, save_loop_state
 from shared_model.config import FinetuneMode, TasksConfig
 from shared_model.encoders import build_encoder
 from shared_model.finetune import evaluate, finetune, param_groups
@@ -13,6 +14,7 @@ from shared_model.privacy import DPSettings, PrivacyError, epsilon_for
 from shared_model.tasks import get_task
 from shared_model.tasks.models import build_task_model
 from shared_model.train import CheckpointPolicy, make_generator
+from shared_model.weights import load_safetensors, save_safetensors
 from tests.shared_model.task_fixtures import sax_series
 
 CPU = torch.device("cpu")
@@ -126,3 +128,27 @@ def test_checkpoint_of_another_session_or_corrupt_is_refused(tmp_path: Path, sax
     policy.path.write_bytes(policy.path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a usable"):
         finetune(_model(), task, sax_data, _settings(steps=2), gen=make_generator(0), device=CPU, checkpoint=policy)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda t, m: m.pop("step"), "'step'"),
+    (lambda t, m: m["optimizer"].pop("scalars"), "'optimizer.scalars'"),
+    (lambda t, m: m.update(optimizer=[]), "'optimizer'"),
+    (lambda t, m: t.pop("rng/generator"), "'rng/generator'"),
+])
+def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit, fragment) -> None:  # noqa: ANN001
+    # Prepare: a small loop checkpoint with one metadata field or tensor removed
+    path = tmp_path / "loop.safetensors"
+    save_loop_state(path, LoopState(
+        step=2, model={"w": torch.ones(2)},
+        optimizer={"state": {0: {"exp_avg": torch.zeros(2), "step": 2.0}}, "param_groups": [{}]},
+        generator=make_generator(0).get_state(), batch_order=torch.arange(4)))
+    tensors, raw = load_safetensors(path)
+    meta = json.loads(raw["fedcmr"])
+    edit(tensors, meta)
+    save_safetensors(path, tensors, {"fedcmr": json.dumps(meta)})
+
+    # Execute / Assert: a CheckpointError naming the file and the field
+    with pytest.raises(CheckpointError, match=fragment) as caught:
+        load_loop_state(path)
+    assert str(path) in str(caught.value)

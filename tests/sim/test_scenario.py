@@ -53,3 +53,18 @@ def test_results_schema(scenario) -> None:  # noqa: ANN001
     assert all((out / o["file"]).is_file() for o in results["overlays"])
     assert {o["task"] for o in results["overlays"]} == {"sax_seg", "landmarks"}
     assert results["timings_s"]["total"] > 0
+
+
+def test_a_bad_real_site_path_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    # Prepare
+    from typer.testing import CliRunner
+
+    from sim.cli import app
+
+    # Execute: no synthetic sites, one real site whose folder does not exist
+    result = CliRunner().invoke(app, ["run", "demo-cpu", "--out", str(tmp_path / "run"), "sim.sites=0",
+                                      f"sim.real_sites=[dicom:{tmp_path / 'nowhere'}]"])
+
+    # Assert: the intake's message, no traceback
+    assert result.exit_code == 2, result.output
+    assert "nowhere does not exist" in result.output and "Traceback" not in result.output
