@@ -34,7 +34,7 @@ import pydicom
 
 from client.intake.deid import Pseudonymiser, quiet_pydicom
 from client.intake.geometry import grid_indices, slice_normal
-from client.intake.label_files import LabelFileError, NodeLabels, SeriesLabels
+from client.intake.label_files import LabelFileError, NodeLabels, SeriesLabels, csv_rows
 from client.intake.pipeline import IngestOptions, IntakeError, open_store, run_dicom_intake
 from client.intake.reading import instance_geometry
 from client.intake.summary import IngestSummary
@@ -171,24 +171,22 @@ def _digest(paths: list[Path], extra: str) -> str:
 def _links(path: Path) -> list[tuple[str, str]]:
     """(patient folder, original id) per row of ``link.csv``; :class:`IntakeError` if damaged."""
     columns = ("patient_id", "original_id")
+    if not path.is_file():
+        raise IntakeError(f"{path}: missing; the Sunnybrook folder needs link.csv with header "
+                          f"{','.join(columns)}")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in columns if c not in (reader.fieldnames or [])]
-            if missing:
-                raise IntakeError(f"{path}: missing column(s) {', '.join(missing)}; expected "
-                                  f"header {','.join(columns)}")
-            links = []
-            for row in reader:
-                values = [(row.get(c) or "").strip() for c in columns]
-                if not all(values):
-                    empty = [c for c, v in zip(columns, values) if not v]
-                    raise IntakeError(f"{path}, line {reader.line_num}: no {', '.join(empty)}; "
-                                      f"every row needs {','.join(columns)}")
-                links.append((values[0], values[1]))
+        rows = csv_rows(path, columns, IntakeError)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise IntakeError(f"{path}: not a readable CSV ({exc}); expected header "
                           f"{','.join(columns)}") from exc
+    links = []
+    for line, row in enumerate(rows, start=2):
+        values = [row.get(c, "") for c in columns]
+        if not all(values):
+            empty = [c for c, v in zip(columns, values) if not v]
+            raise IntakeError(f"{path}, line {line}: no {', '.join(empty)}; every row needs "
+                              f"{','.join(columns)}")
+        links.append((values[0], values[1]))
     return links
 
 

@@ -104,15 +104,17 @@ class AppliedLabels:
 
 # ---------------------------------------------------------------- reading the folder
 
-def _rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+def csv_rows(path: Path, required: tuple[str, ...],
+             error: type[Exception] = LabelFileError) -> list[dict[str, str]]:
+    """The rows of a CSV file (values stripped; no file: none); ``error`` names a missing column."""
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise LabelFileError(f"{path}: missing column(s) {', '.join(missing)}; expected "
-                                 f"header {','.join(required)}")
+            raise error(f"{path}: missing column(s) {', '.join(missing)}; expected "
+                        f"header {','.join(required)}")
         return [{k: (v or "").strip() for k, v in row.items() if k} for row in reader]
 
 
@@ -161,7 +163,7 @@ def read_label_folder(folder: str | Path, pseudonymiser: Pseudonymiser) -> NodeL
     if not folder.is_dir():
         raise FileNotFoundError(f"label folder {folder} does not exist")
     out = NodeLabels()
-    series_rows = _rows(folder / "series.csv", ("SeriesInstanceUID",))
+    series_rows = csv_rows(folder / "series.csv", ("SeriesInstanceUID",))
     sources: dict[str, dict[str, Any]] = defaultdict(dict)
     for row in series_rows:
         uid = pseudonymiser.uid(row["SeriesInstanceUID"])
@@ -175,7 +177,7 @@ def read_label_folder(folder: str | Path, pseudonymiser: Pseudonymiser) -> NodeL
         labels.mask_loader = _mask_loader(path)
         sources[uid]["mask"] = _file_digest(path)
     _read_landmarks(folder / "landmarks.csv", pseudonymiser, out)
-    for row in _rows(folder / "studies.csv", ("StudyInstanceUID", "disease")):
+    for row in csv_rows(folder / "studies.csv", ("StudyInstanceUID", "disease")):
         if row["disease"] in DISEASES:
             out.studies[pseudonymiser.uid(row["StudyInstanceUID"])] = {"disease": row["disease"]}
         elif row["disease"]:
@@ -186,7 +188,7 @@ def read_label_folder(folder: str | Path, pseudonymiser: Pseudonymiser) -> NodeL
 
 
 def _read_landmarks(path: Path, pseudonymiser: Pseudonymiser, out: NodeLabels) -> None:
-    rows = _rows(path, ("SOPInstanceUID", "frame", "landmark", "row", "col"))
+    rows = csv_rows(path, ("SOPInstanceUID", "frame", "landmark", "row", "col"))
     sops = set()
     for row in rows:
         try:
