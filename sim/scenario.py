@@ -257,6 +257,7 @@ def baseline_arms(cfg: FedCMRConfig, out: Path, sites: list[Site]) -> dict[str, 
 def parallel_map(fn, jobs: list, workers: int = 2, label: str = "") -> list:  # noqa: ANN001
     """``fn`` over ``jobs`` in separate single-threaded processes (spawned: no forked OpenMP);
     with ``label``, a progress bar on the console counts finished jobs."""
+    import contextlib
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -265,22 +266,19 @@ def parallel_map(fn, jobs: list, workers: int = 2, label: str = "") -> list:  # 
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=Console(stderr=True), disable=not label)
-    with progress:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(progress)
         bar = progress.add_task(label, total=len(jobs))
-        if len(jobs) <= 1 or workers <= 1:
-            results = []
-            for job in jobs:
-                results.append(fn(job))
-                progress.advance(bar)
-            return results
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
-                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            results = []
-            for result in pool.map(fn, jobs):
-                results.append(result)
-                progress.advance(bar)
-            return results
+        mapper = map
+        if len(jobs) > 1 and workers > 1:
+            mapper = stack.enter_context(ProcessPoolExecutor(
+                min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                initializer=torch.set_num_threads, initargs=(1,))).map
+        results = []
+        for result in mapper(fn, jobs):
+            results.append(result)
+            progress.advance(bar)
+        return results
 
 
 def scratch_arm(cfg: FedCMRConfig, out: Path) -> ArmResult:
