@@ -34,7 +34,8 @@ def presets() -> None:
 
 
 _INGEST_HELP = (
-    "De-identify, check and store a DICOM export (or a Sunnybrook / ACDC / M&Ms folder).\n\n"
+    "De-identify, check and store a DICOM export (or a Sunnybrook / ACDC / M&Ms / nnU-Net "
+    "folder).\n\n"
     "Writes STORE/ingest-summary.json (files_seen, files_accepted, series, skipped reason -> "
     "count) and prints it. Skipped files are not an error: the exit status is non-zero only for "
     "bad arguments. Re-running on the same export only does what is missing.")
@@ -49,7 +50,15 @@ def ingest(
         help="Label folder (series.csv, studies.csv, landmarks.csv, masks/) for --format dicom; "
              "the M&Ms information CSV for --format mnms")] = None,
     source_format: Annotated[str, typer.Option(
-        "--format", help="Source layout: dicom | sunnybrook | acdc | mnms")] = "dicom",
+        "--format", help="Source layout: dicom | sunnybrook | acdc | mnms | nnunet")] = "dicom",
+    label_map: Annotated[Optional[list[str]], typer.Option(
+        "--label-map", help="nnunet: NAME=structure pairs for label names the intake does not "
+                            "know (structures: lv_blood, lv_myo, rv_blood, la_blood, ra_blood, "
+                            "scar; or ignore)")] = None,
+    sequence: Annotated[Optional[str], typer.Option(
+        help="nnunet: the cases' sequence when dataset.json does not tell (cine, lge, ...)")] = None,
+    view: Annotated[Optional[str], typer.Option(
+        help="nnunet: the cases' view (sax, 2ch, 3ch, 4ch); default from the labels")] = None,
     config: Annotated[str, typer.Option(
         "--config", help="Preset name or YAML path (data.spacing_mm, data.crop_px)")] = "demo-cpu",
     workers: Annotated[int, typer.Option(help="Reading processes (0: up to 2)", min=0)] = 0,
@@ -62,6 +71,7 @@ def ingest(
     from rich.console import Console
 
     from client.adapters import FORMATS
+    from client.adapters.nnunet import parse_label_map
     from client.intake.pipeline import IngestOptions
     from client.intake.pipeline import ingest as run_ingest
 
@@ -72,7 +82,9 @@ def ingest(
         cfg = load_cli_config(config, overrides)
         options = IngestOptions(src=src, store=out, spacing_mm=cfg.data.spacing_mm,
                                 crop_px=cfg.data.crop_px, labels=labels, workers=workers,
-                                skipped_list=skipped_list, console=Console(stderr=True))
+                                skipped_list=skipped_list, console=Console(stderr=True),
+                                label_map=parse_label_map(label_map), sequence=sequence,
+                                view=view)
         summary = run_ingest(options, source_format)
     console = Console()
     console.print(summary.table())

@@ -62,6 +62,11 @@ class IngestOptions:
     progress: bool = True
     skipped_list: Path | None = None  # node-local CSV of (relative path, reason); never in the store
     console: Console | None = None
+    # nnU-Net datasets: label name -> store structure (beyond the known names), and the
+    # sequence/view of its cases where dataset.json does not tell
+    label_map: dict[str, str] = field(default_factory=dict)
+    sequence: str | None = None
+    view: str | None = None
 
     def worker_count(self) -> int:
         return self.workers if self.workers > 0 else max(1, min(2, os.cpu_count() or 1))

@@ -70,5 +70,6 @@ ADAPTER_REASONS: dict[str, str] = {
     "missing_image": "a case folder without its image volume",
     "unused_file": "a file the dataset layout does not use",
     "inconsistent_labels": "a ground-truth volume whose shape differs from its image",
+    "unknown_label_values": "a label map holding values that dataset.json does not name",
 }
 REASONS.update(ADAPTER_REASONS)
