@@ -95,15 +95,24 @@ def ingest(
 def finetune(
     task: Annotated[str, typer.Option("--task", help="Task name, e.g. sax_seg, view, landmarks, "
                                       "disease (see shared_model.tasks)")],
-    model: Annotated[Path, typer.Option("--model", help="Model bundle: a release folder or a "
-                                        "run folder with config.yaml and encoder.safetensors")],
-    store: Annotated[Path, typer.Option("--store", help="This node's store (from ingest)")],
+    store: Annotated[list[Path], typer.Option(
+        "--store", help="This node's store (from ingest); repeat to pool several stores")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the fine-tuned bundle")],
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", help="Foundation-model bundle: a release folder or a run folder with "
+                        "config.yaml and encoder.safetensors (default: the shipped model, see "
+                        "`fedcmr-client models`)")] = None,
+    arch: Annotated[str, typer.Option(
+        "--arch", help="fm: fine-tune the foundation model; unet: train a supervised MONAI "
+                       "U-Net from scratch on the same data, budget and augmentation")] = "fm",
     label_budget: Annotated[int, typer.Option(
         help="Labelled subjects to train on (0: all not held out)", min=0)] = 0,
     test_fraction: Annotated[float, typer.Option(
-        help="Share of labelled subjects held out for evaluation", min=0.01, max=0.99)] = 0.3,
-    config: Annotated[str, typer.Option("--config", help="Preset for tasks.* settings")] = "demo-cpu",
+        help="Share of labelled subjects held out for evaluation (0: train on every one)",
+        min=0.0, max=0.99)] = 0.3,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", help="Preset for tasks.* settings (default: the built-in fine-tuning "
+                         "recipe)")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Fine-tune a task on this node's labelled data; evaluate on held-out subjects.
@@ -113,19 +122,45 @@ def finetune(
     from rich.console import Console
 
     from client.finetune import finetune_on_store
+    from shared_model.shipped import default_model
 
+    if arch not in ("fm", "unet"):
+        raise typer.BadParameter(f"'{arch}' is not fm or unet", param_hint="--arch")
     with user_errors(), _task_errors():
-        cfg = load_cli_config(config, overrides)
-        report = finetune_on_store(task, model, store, out, cfg, label_budget, test_fraction)
+        cfg = load_cli_config(config, [f"tasks.arch={arch}", *(overrides or [])])
+        bundle = model if model is not None or arch == "unet" else default_model()
+        report = finetune_on_store(task, bundle, store, out, cfg, label_budget, test_fraction)
     console = Console()
-    console.print(f"{task}: trained on {report.train_samples} samples from "
-                  f"{report.train_subjects} subjects, tested on {report.test_samples} samples "
-                  f"from {report.test_subjects} subjects", highlight=False)
+    tested = (f"tested on {report.test_samples} samples from {report.test_subjects} subjects"
+              if report.test_subjects else "no subjects held out")
+    console.print(f"{task} ({arch}): trained on {report.train_samples} samples from "
+                  f"{report.train_subjects} subjects in {report.steps} steps "
+                  f"({report.seconds:.0f} s), {tested}", highlight=False)
     for key, value in sorted(report.metrics.items()):
         console.print(f"  {key:28s} {value:.4f}", highlight=False)
     if report.epsilon:
         console.print(f"  sample-level DP epsilon      {report.epsilon:.3f}", highlight=False)
     console.print(f"bundle written to {out}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def models() -> None:
+    """List the shipped foundation models (the default is what finetune uses without --model)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from shared_model.shipped import models_dir, shipped_models
+
+    found = shipped_models()
+    if not found:
+        Console().print(f"no shipped models under {models_dir()}", highlight=False)
+        return
+    table = Table(title=f"shipped models ({models_dir()})")
+    for column in ("name", "default", "path", "summary"):
+        table.add_column(column, overflow="fold")
+    for entry in found:
+        table.add_row(entry.name, "yes" if entry.default else "", str(entry.path), entry.summary)
+    Console(width=max(Console().width, 120)).print(table)
 
 
 @app.command()

@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import NumPyClient
 
-from client.finetune import held_out, series_from_store
+from client.finetune import held_out, series_from_store, task_series
 from client.protocol import (
     FINETUNE,
     PHASE_KEY,
@@ -73,19 +73,6 @@ def initial_task_model(plan: FedCMRConfig, task: Task) -> torch.nn.Module:
     """The seeded task model both server and nodes start a fine-tuning phase from."""
     torch.manual_seed(derive_seed(plan.seed, "head", task.name) % (2**31))
     return build_task_model(task, build_encoder(plan.model.preset), plan.tasks.decoder_width)
-
-
-def task_series(store: LocalStore, task: Task) -> list[str]:
-    """Keys of the store's series a task can use, so only those arrays are loaded."""
-    sequences, views = getattr(task, "sequences", ()), getattr(task, "views", ())
-    keys = []
-    for key, record in store.manifest.series.items():
-        if sequences and record.classes.get("sequence", record.sequence) not in sequences:
-            continue
-        if views and record.classes.get("view", record.view) not in views:
-            continue
-        keys.append(key)
-    return keys
 
 
 def store_holdout(store: LocalStore, plan: FedCMRConfig) -> list[str]:

@@ -23,8 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from client.store import LocalStore
-from shared_model.bundle import Bundle, load_bundle, save_task_bundle, task_model_from_bundle
-from shared_model.config import FedCMRConfig
+from shared_model.bundle import (
+    Bundle,
+    BundleError,
+    load_bundle,
+    save_task_bundle,
+    task_model_for,
+    task_model_from_bundle,
+)
+from shared_model.config import FedCMRConfig, TaskArch
+from shared_model.encoders import get_preset
 from shared_model.files import atomic_write_bytes, atomic_write_text
 from shared_model.finetune import evaluate, finetune, predict_all
 from shared_model.labels import parse_frame_key
@@ -46,13 +54,20 @@ def series_from_store(store: LocalStore, keys: Sequence[str] | None = None) -> l
             mask=store.load_mask(key) if record.mask else None,
             labeled_frames=[(int(s), int(t)) for s, t in record.labeled_frames],
             landmarks=landmarks, classes=dict(record.classes),
-            subject_labels=dict(store.manifest.subjects.get(record.subject, {}))))
+            subject_labels=dict(store.manifest.subjects.get(record.subject, {})),
+            partial_frames={parse_frame_key(k): tuple(v) for k, v in record.partial_labels.items()},
+            label_structures=tuple(record.info.get("label_structures") or ())))
     return out
 
 
 def held_out(subjects: Sequence[str], test_fraction: float, split_seed: int) -> list[str]:
-    """The subjects kept for evaluation only: never pretrained on, never fine-tuned on."""
+    """The subjects kept for evaluation only: never pretrained on, never fine-tuned on.
+
+    ``test_fraction`` 0 holds out nobody (a hospital training on every labelled subject).
+    """
     unique = sorted(set(subjects))
+    if test_fraction <= 0:
+        return []
     if len(unique) < 2:
         raise ValueError(f"need data from at least 2 subjects to hold one out for testing; "
                          f"there are {len(unique)}")
@@ -84,42 +99,80 @@ class FinetuneReport:
     test_samples: int
     metrics: dict[str, float]
     epsilon: float
+    steps: int = 0
+    seconds: float = 0.0
 
 
-def finetune_on_store(task_name: str, bundle_path: Path, store_path: Path, out: Path,
-                      cfg: FedCMRConfig, label_budget: int = 0, test_fraction: float = 0.3,
-                      resume: bool = True) -> FinetuneReport:
-    """Fine-tune ``task_name`` from a bundle on the store's labelled subjects; write a bundle."""
+def pooled_series(store_paths: Sequence[Path], task: Task) -> list[SeriesData]:
+    """The task's series of one or more stores; subjects are named per store so that two
+    stores' pseudonyms can never merge."""
+    series: list[SeriesData] = []
+    for index, path in enumerate(store_paths):
+        store = LocalStore.open(path)
+        for item in series_from_store(store, task_series(store, task)):
+            if len(store_paths) > 1:
+                item.subject = f"{index}:{item.subject}"
+            series.append(item)
+    return series
+
+
+def task_series(store: LocalStore, task: Task) -> list[str]:
+    """Keys of the store's series a task can use, so only those arrays are loaded."""
+    sequences, views = getattr(task, "sequences", ()), getattr(task, "views", ())
+    keys = []
+    for key, record in store.manifest.series.items():
+        if sequences and record.classes.get("sequence", record.sequence) not in sequences:
+            continue
+        if views and record.classes.get("view", record.view) not in views:
+            continue
+        keys.append(key)
+    return keys
+
+
+def finetune_on_store(task_name: str, bundle_path: Path | None, store_path: Path | Sequence[Path],
+                      out: Path, cfg: FedCMRConfig, label_budget: int = 0,
+                      test_fraction: float = 0.3, resume: bool = True) -> FinetuneReport:
+    """Fine-tune ``task_name`` on the labelled subjects of one or more stores; write a bundle.
+
+    ``bundle_path`` is the foundation model to start from (tasks.arch=fm); with
+    tasks.arch=unet it may be None (a supervised U-Net trains from scratch).
+    """
     task = get_task(task_name)
-    bundle = load_bundle(bundle_path)
-    cfg.model = bundle.config.model  # the bundle's encoder defines the architecture
-    store = LocalStore.open(store_path)
-    size = _input_size(bundle)
-    data = task.build(series_from_store(store), size)
+    bundle = load_bundle(bundle_path) if bundle_path is not None else None
+    if bundle is not None and cfg.tasks.arch == TaskArch.fm:
+        cfg.model = bundle.config.model  # the bundle's encoder defines the architecture
+    elif cfg.tasks.arch == TaskArch.fm:
+        raise BundleError("fine-tuning the foundation model needs --model BUNDLE (or a shipped "
+                          "model: `fedcmr-client models`)")
+    stores = [store_path] if isinstance(store_path, (str, Path)) else list(store_path)
+    size = get_preset(cfg.model.preset).image_size
+    data = task.build(pooled_series([Path(p) for p in stores], task), size)
     if len(data) == 0:
-        raise ValueError(f"{store_path}: no labelled samples for task '{task_name}'; "
-                         "ingest with --labels or use another task")
+        raise ValueError(f"{', '.join(map(str, stores))}: no labelled samples for task "
+                         f"'{task_name}'; ingest with --labels or use another task")
     train_ids, test_ids = split_subjects(data.subjects, label_budget, test_fraction, cfg.seed,
                                          cfg.tasks.split_seed)
     train = data.subset([i for i, s in enumerate(data.subjects) if s in train_ids])
     test = data.subset([i for i, s in enumerate(data.subjects) if s in test_ids])
-    model = task_model_from_bundle(bundle, task)
+    model = task_model_for(cfg, task, bundle)
     device = resolve_device(cfg.device)
     dp = _dp_settings(cfg)
     checkpoint = CheckpointPolicy(out / "checkpoint.safetensors", every=50,
                                   fingerprint=f"{task_name}/{cfg.seed}/{len(train)}") if resume else None
     result = finetune(model, task, train, cfg.tasks, gen=make_generator(cfg.seed, "finetune", task_name),
                       device=device, dp=dp, checkpoint=checkpoint)
-    metrics = evaluate(model, task, test, device)
-    summary = {"task": task_name, "train_subjects": len(train_ids), "test_subjects": len(test_ids),
-               "train_samples": len(train), "test_samples": len(test), "metrics": metrics,
-               "epsilon": result.epsilon, "delta": cfg.privacy.delta if dp else None,
-               "steps": cfg.tasks.steps, "mode": cfg.tasks.mode.value}
-    save_task_bundle(out, cfg, task, model.cpu(), _json_safe(summary), base=bundle)
+    metrics = evaluate(model, task, test, device) if len(test) else {}
+    summary = {"task": task_name, "arch": cfg.tasks.arch.value, "train_subjects": len(train_ids),
+               "test_subjects": len(test_ids), "train_samples": len(train),
+               "test_samples": len(test), "metrics": metrics, "epsilon": result.epsilon,
+               "delta": cfg.privacy.delta if dp else None, "steps": result.local.steps,
+               "seconds": round(result.local.seconds, 1), "mode": cfg.tasks.mode.value}
+    save_task_bundle(out, cfg, task, model.cpu(), _json_safe(summary),
+                     base=bundle if cfg.tasks.arch == TaskArch.fm else None)
     if checkpoint is not None:
         checkpoint.path.unlink(missing_ok=True)  # the session finished; the bundle is the result
     return FinetuneReport(out, len(train_ids), len(test_ids), len(train), len(test), metrics,
-                          result.epsilon)
+                          result.epsilon, result.local.steps, result.local.seconds)
 
 
 def _input_size(bundle: Bundle) -> int:

@@ -23,6 +23,7 @@ import torch
 from shared_model.config import (
     RESOLVED_CONFIG_NAME,
     FedCMRConfig,
+    TaskArch,
     config_from_yaml,
     save_resolved_config,
 )
@@ -30,6 +31,7 @@ from shared_model.encoders import build_encoder, get_preset
 from shared_model.files import atomic_write_text
 from shared_model.tasks import Task
 from shared_model.tasks.models import build_task_model
+from shared_model.tasks.unet import build_unet
 from shared_model.weights import (
     WeightsError,
     load_into,
@@ -66,22 +68,45 @@ def load_bundle(path: str | Path) -> Bundle:
                           "(a release folder or a fedcmr-sim run folder)?")
     cfg = config_from_yaml(config_path.read_text(encoding="utf-8"), str(config_path))
     try:
-        encoder, _ = load_safetensors(root / ENCODER_FILE)
+        # a supervised U-Net bundle has no foundation encoder
+        no_encoder = cfg.tasks.arch == TaskArch.unet and not (root / ENCODER_FILE).exists()
+        encoder = {} if no_encoder else load_safetensors(root / ENCODER_FILE)[0]
         tasks = {p.stem: load_safetensors(p)[0] for p in sorted((root / TASKS_DIR).glob("*.safetensors"))}
     except WeightsError as exc:
         raise BundleError(str(exc)) from exc
     return Bundle(root=root, config=cfg, encoder=encoder, tasks=tasks)
 
 
-def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = False) -> torch.nn.Module:
-    """The bundle's model for ``task``; without one, its encoder with a freshly initialised head."""
+def task_model_for(cfg: FedCMRConfig, task: Task, bundle: Bundle | None) -> torch.nn.Module:
+    """The model a fine-tuning session starts from: the bundle's (tasks.arch=fm) or a fresh
+    supervised U-Net (tasks.arch=unet)."""
+    if cfg.tasks.arch == TaskArch.unet:
+        return build_unet(task)
+    if bundle is None:
+        raise BundleError("tasks.arch=fm needs a foundation-model bundle")
+    if bundle.has_task(task.name):  # continue from the bundle's own head: its width
+        cfg.tasks.decoder_width = bundle.config.tasks.decoder_width
+    return task_model_from_bundle(bundle, task, decoder_width=cfg.tasks.decoder_width)
+
+
+def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = False,
+                           decoder_width: int | None = None) -> torch.nn.Module:
+    """The bundle's model for ``task``; without one, its encoder with a freshly initialised head
+    (``decoder_width`` channels for a dense head; default the bundle's)."""
+    if bundle.config.tasks.arch == TaskArch.unet:
+        if task.name not in bundle.tasks:
+            raise BundleError(f"{bundle.root}: a U-Net bundle without a model for task "
+                              f"'{task.name}' (have: {', '.join(bundle.tasks) or 'none'})")
+        model: torch.nn.Module = build_unet(task)
+        load_into(model, bundle.tasks[task.name], source=f"task model '{task.name}'")
+        return model
     encoder = build_encoder(bundle.config.model.preset)
     try:
         load_into(encoder, bundle.encoder, source=f"{bundle.root / ENCODER_FILE}")
     except WeightsError as exc:
         raise BundleError(f"{exc}; the bundle's config names preset "
                           f"'{bundle.config.model.preset}'") from exc
-    model = build_task_model(task, encoder, bundle.config.tasks.decoder_width)
+    model = build_task_model(task, encoder, decoder_width or bundle.config.tasks.decoder_width)
     if task.name in bundle.tasks:
         load_into(model, bundle.tasks[task.name], source=f"task model '{task.name}'")
     elif require_head:
@@ -114,8 +139,11 @@ def save_task_bundle(out: str | Path, cfg: FedCMRConfig, task: Task, model: torc
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    foundation = base.encoder if base is not None else select_prefix(state, "encoder.")
-    save_encoder(out / ENCODER_FILE, foundation, cfg)
+    has_encoder = any(k.startswith("encoder.") for k in state)
+    foundation = base.encoder if base is not None else (
+        select_prefix(state, "encoder.") if has_encoder else {})
+    if foundation:  # a supervised U-Net has no foundation encoder to keep
+        save_encoder(out / ENCODER_FILE, foundation, cfg)
     if base is not None:
         for name, other in base.tasks.items():
             if name != task.name:

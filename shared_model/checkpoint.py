@@ -34,6 +34,7 @@ class LoopState:
     losses: list[float] = field(default_factory=list)
     dp_history: list[list[float]] = field(default_factory=list)
     fingerprint: str = ""
+    seconds: float = 0.0  # training time spent before this checkpoint (wall-clock budgets)
 
 
 def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -56,7 +57,7 @@ def save_loop_state(path: str | Path, state: LoopState) -> Path:
     tensors["rng/batch_order"] = state.batch_order.to(torch.int64)
     meta = {"format": FORMAT, "step": state.step, "optimizer": optim_meta,
             "losses": state.losses, "dp_history": state.dp_history,
-            "fingerprint": state.fingerprint}
+            "fingerprint": state.fingerprint, "seconds": state.seconds}
     return save_safetensors(path, tensors, {"fedcmr": json.dumps(meta)})
 
 
@@ -103,4 +104,5 @@ def load_loop_state(path: str | Path) -> LoopState:
         generator=tensors["rng/generator"], batch_order=tensors["rng/batch_order"],
         losses=list(meta["losses"]), dp_history=list(meta["dp_history"]),
         fingerprint=str(meta.get("fingerprint", "")),
+        seconds=float(meta.get("seconds", 0.0)),
     )

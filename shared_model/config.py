@@ -144,6 +144,13 @@ class SSLConfig:
     dino: DINOConfig = field(default_factory=DINOConfig)
 
 
+class TaskArch(str, Enum):
+    """What a fine-tuning session trains."""
+
+    fm = "fm"  # the foundation encoder with the task's head (the federation's model)
+    unet = "unet"  # a supervised MONAI U-Net from scratch: the baseline a hospital would use
+
+
 class FinetuneMode(str, Enum):
     """How much of the encoder fine-tuning may change."""
 
@@ -157,8 +164,12 @@ class TasksConfig:
     """Clinical fine-tuning (task names from shared_model.tasks)."""
 
     names: list[str] = field(default_factory=list)
+    arch: TaskArch = TaskArch.fm
     mode: FinetuneMode = FinetuneMode.full
     steps: int = 200  # optimiser steps per fine-tuning session
+    # Wall-clock budget of a session, seconds: it ends at `steps` or here, whichever comes
+    # first, and the learning-rate schedule runs over the budget. None: steps only.
+    max_seconds: Optional[float] = None
     batch_size: int = 16
     lr: float = 1.0e-3  # head learning rate; encoder block i gets lr * layer_decay**(depth - i)
     layer_decay: float = 0.75
@@ -167,7 +178,7 @@ class TasksConfig:
     augment: bool = True
     decoder_width: int = 16  # segmentation/landmark decoder channels at full resolution
     label_budget: int = 0  # labelled subjects per site used for training (0: all)
-    test_fraction: float = 0.3  # subjects per site held out for evaluation
+    test_fraction: float = 0.3  # subjects per site held out for evaluation (0: train on all)
     split_seed: int = 0  # which subjects are held out (fixed across seeds; the seed draws
     #                      the labelled training subjects)
 
@@ -482,7 +493,9 @@ def validate_config(cfg: FedCMRConfig) -> None:
              "federation.aggregator",
              f"{fed.aggregator.value} needs each site's update, which SecAgg+ hides from the "
              "server; use fedavg/fedprox/fedadam/fedavgm, or federation.secagg.mode=never")
-    _require(0 < cfg.tasks.test_fraction < 1, "tasks.test_fraction", "must lie in (0, 1)")
+    _require(0 <= cfg.tasks.test_fraction < 1, "tasks.test_fraction", "must lie in [0, 1)")
+    _require(cfg.tasks.max_seconds is None or cfg.tasks.max_seconds > 0, "tasks.max_seconds",
+             "must be > 0 seconds (or null: steps only)")
     _require(cfg.tasks.label_budget >= 0, "tasks.label_budget", "must be >= 0")
     _require(fed.finetune_rounds >= 0, "federation.finetune_rounds", "must be >= 0")
     _require(fed.min_replies >= 1, "federation.min_replies", "must be >= 1")

@@ -51,8 +51,20 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+def has_encoder(model: torch.nn.Module) -> bool:
+    """Foundation-model task models have an ``encoder``; the supervised U-Net has none."""
+    return isinstance(getattr(model, "encoder", None), torch.nn.Module)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """Parameter groups carrying ``lr_scale`` (layer-wise decay) and their weight decay."""
+    if not has_encoder(model):
+        decay, flat = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (flat if is_no_decay(name, param) else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+                {"params": flat, "weight_decay": 0.0, "lr_scale": 1.0}]
     depth = len(model.encoder.blocks)  # type: ignore[attr-defined]
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
@@ -68,7 +80,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
 
 
 def set_encoder_trainable(model: torch.nn.Module, trainable: bool) -> None:
-    model.encoder.requires_grad_(trainable)  # type: ignore[attr-defined]
+    if has_encoder(model):
+        model.encoder.requires_grad_(trainable)  # type: ignore[attr-defined]
 
 
 def augment_batch(task: Task, inputs: torch.Tensor, targets: torch.Tensor,
@@ -82,6 +95,24 @@ def augment_batch(task: Task, inputs: torch.Tensor, targets: torch.Tensor,
     elif task.kind == TaskKind.landmarks:
         targets = affine_points(targets, theta, *frames.shape[-2:])
     return frames.view_as(inputs), targets
+
+
+def absent_where_never_drawn(task: Task, data: TaskData) -> TaskData:
+    """Segmentation classes that no training frame draws are learned as absent.
+
+    A partial label leaves an undrawn class open ("any class but the drawn ones"); a class that
+    no frame of the training data draws at all (the RV in a dataset that labels only the LV)
+    would then be free to appear anywhere. Marking it drawn, with no pixels, teaches the model
+    not to predict what this node never showed it.
+    """
+    if task.kind != TaskKind.segmentation or data.valid is None or len(data) == 0:
+        return data
+    never = ~data.valid.any(dim=0)
+    if not never.any():
+        return data
+    valid = data.valid.clone()
+    valid[:, never] = True
+    return TaskData(data.inputs, data.targets, data.subjects, data.spacing_mm, valid)
 
 
 @dataclass
@@ -98,12 +129,13 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
     """Train ``model`` (an encoder + head from shared_model.tasks.models) on ``data``."""
     if len(data) == 0:
         raise ValueError(f"no labelled samples for task '{task.name}'")
-    mode = settings.mode
+    mode = settings.mode if has_encoder(model) else FinetuneMode.full
     if dp is not None and mode == FinetuneMode.frozen_then_unfrozen:
         raise PrivacyError("DP-SGD fine-tuning supports tasks.mode=linear or full "
                            "(unfreezing mid-way would change the per-sample gradient set)")
     model.to(device)
     set_encoder_trainable(model, mode == FinetuneMode.full)
+    data = absent_where_never_drawn(task, data)
     tensors = [data.inputs, data.targets] + ([data.valid] if data.valid is not None else [])
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.layer_decay),
                                   lr=settings.lr)
@@ -143,7 +175,8 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
         local = run_steps(train_model, batches, step_fn, optimizer=optimizer, steps=settings.steps,
                           base_lr=settings.lr, device=device, gen=gen, span=span,
                           before_step=before_step, checkpoint=checkpoint,
-                          dp_history=private.accountant_state if private else None)
+                          dp_history=private.accountant_state if private else None,
+                          max_seconds=settings.max_seconds)
     finally:
         if private is not None:
             private.close()

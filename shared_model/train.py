@@ -177,12 +177,15 @@ def run_steps(model: torch.nn.Module, batches: TensorBatches | LoaderBatches, st
               before_step: Callable[[int], None] | None = None,
               after_step: Callable[[int, float], None] | None = None,
               checkpoint: CheckpointPolicy | None = None,
-              dp_history: Callable[[], list[list[float]]] | None = None) -> LocalResult:
+              dp_history: Callable[[], list[list[float]]] | None = None,
+              max_seconds: float | None = None) -> LocalResult:
     """The training engine: ``steps`` optimiser steps, each over ``accumulate`` micro-batches.
 
     ``step_fn(batch, progress)`` returns (loss, stats) for a batch already on ``device``.
-    With ``checkpoint``, the loop resumes from its file and saves to it every ``every`` steps
-    and at the end.
+    With ``max_seconds`` the session also ends when its training time reaches the budget, and
+    the schedule's progress is the larger of the step and the time fractions (a slow machine
+    takes fewer steps through the same schedule). With ``checkpoint``, the loop resumes from its
+    file (time spent included) and saves to it every ``every`` steps and at the end.
     """
     state = _resume(checkpoint, model, optimizer, gen, batches)
     batch_iter = iter(batches)  # after the resume: the restored batch order comes first
@@ -190,9 +193,14 @@ def run_steps(model: torch.nn.Module, batches: TensorBatches | LoaderBatches, st
     losses = list(state.losses) if state else []
     totals: dict[str, float] = {}
     images = 0
+    clock = SessionClock(max_seconds, state.seconds if state else 0.0)
     start = time.perf_counter()
+    done = 0
     for step in range(first_step, steps):
-        progress = span.at(step, steps)
+        if clock.expired():
+            break
+        progress = span.at(step, steps) if max_seconds is None else span.at(
+            clock.fraction(step, steps), 1)
         if before_step is not None:
             before_step(step)
         set_learning_rate(optimizer, learning_rate(base_lr, progress))
@@ -211,14 +219,36 @@ def run_steps(model: torch.nn.Module, batches: TensorBatches | LoaderBatches, st
         optimizer.step()
         if after_step is not None:
             after_step(step, progress)
-        if checkpoint and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
-            _save(checkpoint, step + 1, model, optimizer, gen, batches, losses, dp_history)
-    done = max(steps - first_step, 1)
+        done += 1
+        if checkpoint and ((step + 1) % checkpoint.every == 0 or step + 1 == steps
+                           or clock.expired()):
+            _save(checkpoint, step + 1, model, optimizer, gen, batches, losses, dp_history,
+                  clock.spent())
     return LocalResult(
-        steps=steps - first_step, images_seen=images, seconds=time.perf_counter() - start,
+        steps=done, images_seen=images, seconds=time.perf_counter() - start,
         loss_first=losses[0] if losses else math.nan, loss_last=losses[-1] if losses else math.nan,
         loss_mean=sum(losses) / len(losses) if losses else math.nan,
-        stats={k: v / done for k, v in totals.items()}, resumed_from=first_step)
+        stats={k: v / max(done, 1) for k, v in totals.items()}, resumed_from=first_step)
+
+
+class SessionClock:
+    """Training time of a session against its budget (seconds), across resumes."""
+
+    def __init__(self, budget: float | None, already: float = 0.0) -> None:
+        self.budget = budget
+        self.already = already
+        self.start = time.perf_counter()
+
+    def spent(self) -> float:
+        return self.already + time.perf_counter() - self.start
+
+    def expired(self) -> bool:
+        return self.budget is not None and self.spent() >= self.budget
+
+    def fraction(self, step: int, steps: int) -> float:
+        """Progress through the session: steps done or budget spent, whichever is further."""
+        by_time = self.spent() / self.budget if self.budget else 0.0
+        return min(1.0, max(step / max(steps, 1), by_time))
 
 
 def _resume(policy: CheckpointPolicy | None, model: torch.nn.Module,
@@ -240,12 +270,13 @@ def _resume(policy: CheckpointPolicy | None, model: torch.nn.Module,
 def _save(policy: CheckpointPolicy, step: int, model: torch.nn.Module,
           optimizer: torch.optim.Optimizer, gen: torch.Generator,
           batches: TensorBatches | LoaderBatches, losses: list[float],
-          dp_history: Callable[[], list[list[float]]] | None) -> None:
+          dp_history: Callable[[], list[list[float]]] | None, seconds: float = 0.0) -> None:
     save_loop_state(policy.path, LoopState(
         step=step, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
         optimizer=optimizer.state_dict(), generator=gen.get_state(),
         batch_order=batches.order.clone(), losses=losses,
-        dp_history=dp_history() if dp_history else [], fingerprint=policy.fingerprint))
+        dp_history=dp_history() if dp_history else [], fingerprint=policy.fingerprint,
+        seconds=seconds))
 
 
 class ProximalTerm:

@@ -41,6 +41,8 @@ class SeriesData:
     from MASK_VALUES (annotated on ``labeled_frames`` only); ``landmarks`` maps ``(s, t)`` to
     ``{name: (row, col)}``; ``classes`` holds label-file classes (they win over the
     header-derived ``sequence``/``view``); ``subject_labels`` the study's labels (disease).
+    ``partial_frames`` are frames with only some structures drawn (pixels outside them are
+    "not those structures", not background).
     """
 
     key: str
@@ -54,6 +56,19 @@ class SeriesData:
     landmarks: dict[tuple[int, int], dict[str, tuple[float, float]]] = field(default_factory=dict)
     classes: dict[str, str] = field(default_factory=dict)
     subject_labels: dict[str, str] = field(default_factory=dict)
+    # frames where only some structures are drawn: (s, t) -> names from MASK_VALUES
+    partial_frames: dict[tuple[int, int], tuple[str, ...]] = field(default_factory=dict)
+    # what a complete frame has drawn; () = the structures found in the mask's labelled frames
+    label_structures: tuple[str, ...] = ()
+
+    def drawn_structures(self) -> tuple[str, ...]:
+        """The structures every frame of ``labeled_frames`` has drawn (absent ones as 0)."""
+        if self.label_structures or self.mask is None or not self.labeled_frames:
+            return self.label_structures
+        values = set()
+        for s, t in self.labeled_frames:
+            values.update(np.unique(self.mask[s, t]).tolist())
+        return tuple(name for name, value in MASK_VALUES.items() if value in values)
 
     def label(self, name: str) -> str | None:
         """A class label: label files first, then (for sequence/view) the headers."""
@@ -69,7 +84,9 @@ class TaskData:
 
     ``inputs``: (N, 1, S, S) for frame tasks, (N, K, 1, S, S) for bag tasks. ``targets``:
     class indices (N,), label maps (N, S, S), or landmark coordinates (N, L, 2) in pixels of the
-    input with ``valid`` (N, L). ``subjects`` names each sample's subject (for splits).
+    input with ``valid`` (N, L). For segmentation ``valid`` (N, C) says which foreground classes
+    are drawn on each frame (a partial label leaves the others unknown: their pixels carry 0).
+    ``subjects`` names each sample's subject (for splits).
     ``spacing_mm`` is the input's pixel spacing (store spacing scaled by the resize).
     """
 
@@ -186,24 +203,39 @@ class SegmentationTask(Task):
         return (item.mask is not None and item.label("sequence") in self.sequences
                 and (not self.views or item.label("view") in self.views))
 
-    def class_map(self, mask: np.ndarray) -> np.ndarray:
+    def class_map(self, mask: np.ndarray, drawn: Sequence[bool] | None = None) -> np.ndarray:
+        """Mask values -> class indices (0 elsewhere); classes not ``drawn`` stay 0."""
         out = np.zeros(mask.shape, dtype=np.int64)
         for index, (_, values) in enumerate(self.classes, start=1):
-            out[np.isin(mask, values)] = index
+            if drawn is None or drawn[index - 1]:
+                out[np.isin(mask, values)] = index
         return out
 
+    def drawn_classes(self, structures: Sequence[str]) -> list[bool]:
+        """Per foreground class: is it drawn on a frame that has ``structures`` drawn?"""
+        values = {MASK_VALUES[n] for n in structures if n in MASK_VALUES}
+        return [bool(values & set(class_values)) for _, class_values in self.classes]
+
     def build(self, series: Sequence[SeriesData], size: int) -> TaskData:
-        frames, maps, subjects, spacing = [], [], [], None
+        frames, maps, drawn, subjects, spacing = [], [], [], [], None
         for item in series:
             if not self.accepts(item):
                 continue
-            for s, t in item.labeled_frames:
+            complete = self.drawn_classes(item.drawn_structures())
+            labelled = [(f, complete) for f in item.labeled_frames]
+            labelled += [(f, self.drawn_classes(names)) for f, names in sorted(item.partial_frames.items())]
+            for (s, t), classes in labelled:
+                if not any(classes):
+                    continue
                 frames.append(item.images[s, t])
-                maps.append(self.class_map(item.mask[s, t]))
+                maps.append(self.class_map(item.mask[s, t], classes))
+                drawn.append(classes)
                 subjects.append(item.subject)
             spacing = item.spacing_mm * item.images.shape[-1] / size
         targets = resize_labels(np.stack(maps), size) if maps else torch.zeros(0, size, size, dtype=torch.long)
-        return _frame_data(frames, targets, subjects, spacing, size)
+        data = _frame_data(frames, targets, subjects, spacing, size)
+        data.valid = torch.tensor(drawn, dtype=torch.bool).reshape(-1, len(self.classes))
+        return data
 
 
 @dataclass(frozen=True)

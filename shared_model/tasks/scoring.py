@@ -1,6 +1,7 @@
 """Losses, predictions and metrics per task kind.
 
-Segmentation: MONAI DiceCE loss; Dice and HD95 (mm) per structure from MONAI. Classification:
+Segmentation: Dice + cross-entropy that also takes partial labels (MONAI's DiceCE where every
+frame draws every class); Dice and HD95 (mm) per structure from MONAI. Classification:
 cross-entropy; accuracy, balanced accuracy and macro AUC (MONAI). Landmarks: heatmaps trained
 with a cross-entropy against a Gaussian around each point, decoded with a local soft-argmax
 (sub-pixel), reported as mean error in mm.
@@ -14,7 +15,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc
 
 from shared_model.tasks.base import SegmentationTask, Task, TaskKind
@@ -33,9 +33,42 @@ def task_loss(task: Task, outputs: torch.Tensor, targets: torch.Tensor,
     if _is_classification(task):
         return F.cross_entropy(outputs.float(), targets)
     if task.kind == TaskKind.segmentation:
-        loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
-        return loss(outputs.float(), targets[:, None])
+        return partial_dice_ce(outputs, targets, valid)
     return heatmap_loss(outputs, targets, valid)
+
+
+DICE_SMOOTH = 1.0e-5  # MONAI DiceLoss' smooth_nr / smooth_dr
+
+
+def partial_dice_ce(logits: torch.Tensor, targets: torch.Tensor,
+                    drawn: torch.Tensor | None = None) -> torch.Tensor:
+    """Dice + cross-entropy for label maps that may draw only some of the classes.
+
+    ``logits`` (B, K, H, W) with class 0 the background; ``targets`` (B, H, W) class indices,
+    0 for background or a class not drawn on that frame; ``drawn`` (B, K - 1) bool, None when
+    every frame draws every class. Cross-entropy: a pixel of a drawn class c costs -log p_c; a
+    pixel left 0 costs -log of the summed probability of background and the classes not drawn
+    there (it is one of them: the marginal likelihood of the partial label). Dice: soft Dice of
+    each drawn foreground class on each frame, averaged over those (frame, class) pairs. With
+    every class drawn this is MONAI's ``DiceCELoss(include_background=False, to_onehot_y=True,
+    softmax=True)``.
+    """
+    logp = F.log_softmax(logits.float(), dim=1)
+    b, k = logp.shape[:2]
+    if drawn is None:
+        drawn = torch.ones(b, k - 1, dtype=torch.bool, device=logits.device)
+    drawn = drawn.to(logits.device)
+    may_be = torch.cat([torch.ones_like(drawn[:, :1]), ~drawn], dim=1)  # what a 0 pixel may be
+    marginal = torch.logsumexp(logp.masked_fill(~may_be[:, :, None, None], -math.inf), dim=1)
+    picked = logp.gather(1, targets[:, None]).squeeze(1)
+    ce = -torch.where(targets > 0, picked, marginal).mean()
+    probs = logp.exp()[:, 1:]
+    onehot = F.one_hot(targets, k).permute(0, 3, 1, 2)[:, 1:].float()
+    overlap = (probs * onehot).sum(dim=(2, 3))
+    total = probs.sum(dim=(2, 3)) + onehot.sum(dim=(2, 3))
+    dice = 1 - (2 * overlap + DICE_SMOOTH) / (total + DICE_SMOOTH)
+    weight = drawn.float()
+    return ce + (dice * weight).sum() / weight.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------- landmarks
@@ -111,14 +144,17 @@ def classification_metrics(probs: torch.Tensor, targets: torch.Tensor,
 
 
 def segmentation_metrics(task: SegmentationTask, pred: torch.Tensor, target: torch.Tensor,
-                         spacing_mm: float) -> dict[str, float]:
-    """Dice and HD95 (mm) per structure, averaged over the frames where it is present."""
+                         spacing_mm: float, drawn: torch.Tensor | None = None) -> dict[str, float]:
+    """Dice and HD95 (mm) per structure, averaged over the frames where it is present and
+    drawn (``drawn`` (N, C): which classes each frame's label draws; None: all)."""
     metrics: dict[str, float] = {}
     dices = []
     for name, class_ids in task.structure_classes:
         ids = torch.tensor(class_ids)
-        p = torch.isin(pred, ids).float()[:, None]
-        t = torch.isin(target, ids).float()[:, None]
+        frames = torch.ones(len(pred), dtype=torch.bool) if drawn is None else \
+            drawn[:, [i - 1 for i in class_ids]].all(dim=1).cpu()
+        p = torch.isin(pred[frames], ids).float()[:, None]
+        t = torch.isin(target[frames], ids).float()[:, None]
         dice = compute_dice(p, t, include_background=True, ignore_empty=True)[:, 0]
         both = (p.flatten(1).sum(1) > 0) & (t.flatten(1).sum(1) > 0)
         with warnings.catch_warnings():  # MONAI 1.6 deprecation notice inside its own code
@@ -148,7 +184,7 @@ def task_metrics(task: Task, predictions: torch.Tensor, targets: torch.Tensor,
         return classification_metrics(predictions, targets, task.num_outputs)
     if task.kind == TaskKind.segmentation:
         assert isinstance(task, SegmentationTask)
-        return segmentation_metrics(task, predictions, targets, spacing_mm)
+        return segmentation_metrics(task, predictions, targets, spacing_mm, valid)
     assert valid is not None
     return landmark_metrics(predictions, targets, valid, spacing_mm, task.landmarks)  # type: ignore[attr-defined]
 

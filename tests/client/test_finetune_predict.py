@@ -113,3 +113,34 @@ def test_cli_finetune_and_predict(tmp_path: Path, labelled_store: Path, base_bun
     bad = runner.invoke(app, ["finetune", "--task", "no_such_task", "--model", str(base_bundle), "--store",
                               str(labelled_store), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown task" in bad.output
+
+
+def test_unet_trains_on_pooled_stores_without_a_holdout_and_predicts(
+        tmp_path: Path, labelled_store: Path) -> None:
+    # Prepare: the same store twice stands for two hospitals' stores pooled at one node
+    cfg = load_config(None, ["tasks.arch=unet", "tasks.steps=3", "tasks.batch_size=2",
+                             "device=cpu", "model.preset=vit-tiny-p8-64"])
+
+    # Execute
+    report = finetune_on_store("sax_seg", None, [labelled_store, labelled_store], tmp_path / "unet",
+                               cfg, test_fraction=0.0)
+    counts = predict_on_store("sax_seg", tmp_path / "unet", labelled_store, tmp_path / "pred", "cpu")
+
+    # Assert
+    assert report.test_subjects == 0 and report.train_subjects == 8 and report.metrics == {}
+    assert not (tmp_path / "unet" / "encoder.safetensors").exists()  # nothing foundational in it
+    assert load_bundle(tmp_path / "unet").config.tasks.arch.value == "unet"
+    assert counts["series"] == 4
+
+
+def test_wall_clock_budget_ends_the_session(tmp_path: Path, labelled_store: Path, base_bundle: Path) -> None:
+    cfg = load_config("demo-cpu", ["tasks.steps=100000", "tasks.max_seconds=1.0",
+                                   "tasks.batch_size=2", "device=cpu"])
+    report = finetune_on_store("sax_seg", base_bundle, labelled_store, tmp_path / "ft", cfg)
+    assert 1 <= report.steps < 100000
+
+
+def test_unet_refuses_classification_tasks(tmp_path: Path, labelled_store: Path) -> None:
+    cfg = load_config(None, ["tasks.arch=unet", "tasks.steps=1", "device=cpu"])
+    with pytest.raises(ValueError, match="tasks.arch=unet serves per-pixel tasks"):
+        finetune_on_store("lge_pathology", None, labelled_store, tmp_path / "x", cfg)

@@ -126,3 +126,70 @@ def test_segmentation_metrics_perfect_and_shifted() -> None:
 def test_depth_indices_end_at_the_last_block() -> None:
     assert depth_indices(4) == [0, 1, 2, 3]
     assert depth_indices(12) == [2, 5, 8, 11]
+
+
+def test_partial_dice_ce_is_monai_dice_ce_when_every_class_is_drawn() -> None:
+    from monai.losses import DiceCELoss
+
+    from shared_model.tasks.scoring import partial_dice_ce
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 16, 16, generator=gen)
+    targets = torch.randint(0, 4, (3, 16, 16), generator=gen)
+    reference = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)(
+        logits, targets[:, None])
+    assert partial_dice_ce(logits, targets).item() == pytest.approx(reference.item(), rel=1e-5)
+    all_drawn = torch.ones(3, 3, dtype=torch.bool)
+    assert partial_dice_ce(logits, targets, all_drawn).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_partial_labels_leave_undrawn_classes_open() -> None:
+    from shared_model.tasks.scoring import partial_dice_ce
+
+    # Prepare: a frame that draws only class 1; outside it the model says "class 2" or "background"
+    targets = torch.zeros(1, 8, 8, dtype=torch.long)
+    targets[0, 2:5, 2:5] = 1
+    says_2, says_bg = torch.full((1, 4, 8, 8), -10.0), torch.full((1, 4, 8, 8), -10.0)
+    for logits in (says_2, says_bg):
+        logits[0, 1][targets[0] == 1] = 10.0
+    says_2[0, 2][targets[0] == 0] = 10.0
+    says_bg[0, 0][targets[0] == 0] = 10.0
+    only_1 = torch.tensor([[True, False, False]])
+
+    # Execute / Assert: with a partial label both are right; with a complete one, class 2 is wrong
+    assert partial_dice_ce(says_2, targets, only_1).item() == pytest.approx(
+        partial_dice_ce(says_bg, targets, only_1).item(), abs=1e-4)
+    assert partial_dice_ce(says_2, targets).item() > partial_dice_ce(says_bg, targets).item() + 1.0
+
+
+def test_partial_frames_become_samples_with_their_drawn_classes() -> None:
+    # Prepare: blood pool and myocardium drawn at ED (phase 0), only the blood pool at phase 2
+    series = sax_series("s", "subj", phases=4)
+    series.mask[:, 2][series.mask[:, 2] != 1] = 0
+    series.mask[:, 1] = 0
+    series.mask[series.mask == 3] = 0  # no RV anywhere: a dataset that labels the LV only
+    series.labeled_frames = [(s, 0) for s in range(3)]
+    series.partial_frames = {(s, 2): ("lv_blood",) for s in range(3)}
+
+    # Execute
+    data = get_task("sax_seg").build([series], SIZE)
+
+    # Assert: classes lv_blood, lv_myo, rv_blood
+    assert len(data) == 6
+    assert data.valid.tolist() == [[True, True, False]] * 3 + [[True, False, False]] * 3
+    from shared_model.finetune import absent_where_never_drawn
+
+    trained = absent_where_never_drawn(get_task("sax_seg"), data)
+    assert trained.valid[:, 2].all()  # the RV, never drawn: learned as absent
+
+
+def test_segmentation_metrics_skip_frames_that_do_not_draw_a_structure() -> None:
+    task = get_task("sax_seg")
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[:, 4:10, 4:10] = 1
+    pred = target.clone()
+    pred[1, 0:3, 0:3] = 2  # "myocardium" where frame 1 does not draw it
+    drawn = torch.tensor([[True, True, True], [True, False, False]])
+    metrics = segmentation_metrics(task, pred, target, 1.0, drawn)
+    assert metrics["dice_lv_blood"] == pytest.approx(1.0)
+    assert math.isnan(metrics["dice_lv_myo"])  # frame 0 has none, frame 1 does not draw it
