@@ -167,19 +167,27 @@ def models() -> None:
 def predict(
     task: Annotated[str, typer.Option("--task", help="Task name (the bundle must hold it)")],
     model: Annotated[Path, typer.Option("--model", help="Bundle with tasks/<task>.safetensors")],
-    store: Annotated[Path, typer.Argument(help="Store to predict on (from ingest)")],
+    source: Annotated[Path, typer.Argument(
+        help="A store (from ingest), a DICOM folder (one or more studies) or an nnU-Net "
+             "images folder (<case>_0000.nii.gz)")],
     out: Annotated[Path, typer.Option("--out", help="Folder for predictions")] = Path("predictions"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
-    """Predict a task for every matching series: masks as NIfTI, the rest as JSON and CSV."""
+    """Predict a task. On a store: masks as NIfTI on the store grid, the rest as JSON and CSV.
+    On a DICOM folder: <SeriesInstanceUID>.nii.gz and .seg.dcm (DICOM SEG) per segmented series,
+    in the source geometry. On an nnU-Net folder: <case>.nii.gz with the image's shape and
+    affine. The heart is found before cropping, so the field of view need not be centred."""
     from rich.console import Console
 
-    from client.finetune import predict_on_store
+    from client.predict_inputs import predict_input
 
     with user_errors(), _task_errors():
-        counts = predict_on_store(task, model, store, out, device)
-    Console().print(f"{task}: {counts['series']} series predicted; written to {out}",
-                    highlight=False, soft_wrap=True)
+        kind, counts = predict_input(task, model, source, out, device)
+    done = counts.get("series", counts.get("cases", 0))
+    unit = "cases" if kind == "nnunet" else "series"
+    skipped = {k: v for k, v in counts.items() if k.startswith("skipped") or k == "unreadable"}
+    Console().print(f"{task}: {done} {unit} predicted ({kind} input); written to {out}"
+                    + (f"; skipped {skipped}" if skipped else ""), highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
