@@ -10,6 +10,9 @@ PYTEST_ARGS ?=
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export TIMM_FUSED_ATTN := 0
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core node a spinning thread holds
+# the core its partner needs, and a training step takes 10x as long (measured).
+export OMP_WAIT_POLICY := PASSIVE
 # Tools started by Flower (flower-superlink, flower-supernode) come from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 

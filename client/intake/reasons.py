@@ -24,7 +24,7 @@ FILE_REASONS: dict[str, str] = {
                         "missing or invalid",
     "unsupported_pixel_format": "not one grey sample per pixel (colour, float or odd bit depth)",
     "absurd_dimensions": "Rows x Columns x NumberOfFrames x BitsAllocated is zero or over the limit",
-    "no_decoder": "no decoder is installed for the transfer syntax (e.g. JPEG-LS without pylibjpeg)",
+    "no_decoder": "no decoder exists for the transfer syntax (e.g. JPEG XL, MPEG video)",
     "undecodable_pixels": "the pixel data could not be decoded",
     "duplicate_instance": "the same SOP instance appears more than once in the export",
     "worker_crashed": "the reading process died on this file",

@@ -306,8 +306,8 @@ def write_bad_file(kind: str, path: Path, seed: int = 0) -> Path:
     elif kind == "missing_geometry":
         del ds.ImagePositionPatient
         _save(ds, path)
-    elif kind == "no_decoder":  # JPEG-LS lossless: needs pylibjpeg/pyjpegls/gdcm
-        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"
+    elif kind == "no_decoder":  # MPEG-2 video: no pixel decoder for pydicom exists
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
         ds.PixelData = encapsulate([b"\xff\xd8garbage\xff\xd9"])
         _save(ds, path)
     elif kind == "undecodable_pixels":  # RLE has a built-in decoder; these bytes are not RLE
