@@ -18,7 +18,7 @@ MASK_VALUES: dict[str, int] = {
 }
 
 # Acquisition classes (task 1) and cine views (task 2); "unknown" where headers do not tell.
-SEQUENCES: tuple[str, ...] = ("cine", "lge", "t1_map", "t2_map", "t2w", "perfusion")
+SEQUENCES: tuple[str, ...] = ("cine", "lge", "t1_map", "t2_map", "t2w", "perfusion", "localizer")
 VIEWS: tuple[str, ...] = ("sax", "2ch", "3ch", "4ch")
 UNKNOWN = "unknown"
 

@@ -15,6 +15,7 @@ from shared_model.labels import SEQUENCES, UNKNOWN, VIEWS
 
 # First match wins; the text is lower-cased with every non-alphanumeric run turned into a space.
 _SEQUENCE_RULES: tuple[tuple[str, str], ...] = (
+    (r"\blocali[sz]er\b|\bscout\b|\bsurvey\b|\btri ?pilot\b|\b3 ?plane ?loc", "localizer"),
     (r"\bt1 ?maps?\b|\bt1 ?mapping|\bmolli\b|\bshmolli\b|\bsasha\b|\bnative t1\b|\bt1map", "t1_map"),
     (r"\bt2 ?maps?\b|\bt2 ?mapping|\bt2map", "t2_map"),
     (r"\blge\b|\bpsir\b|late ?gad|delayed ?enh|late ?enh|\bmde\b|\bviability\b"

@@ -220,6 +220,7 @@ class _Outcome:
     written: bool = False  # False: the store already held exactly this
     labels_digest: str = ""
     problems: Counter = field(default_factory=Counter)  # label problems found building it
+    as_frames: str = ""  # stored as single frames, not a stack: the QC reason why
 
     @classmethod
     def of(cls, parts: SeriesParts, **kwargs: object) -> _Outcome:
@@ -270,7 +271,7 @@ def _finish(run: _Run, parts: SeriesParts, writer: StoreWriter, early: bool) -> 
         subject=built.subject, info=info, labeled_frames=applied.labeled_frames,
         landmarks=applied.landmarks, classes=applied.classes, partial_labels=applied.partial)
     outcome = _Outcome.of(parts, labels_digest=run.labels.digest(built.series_uid),
-                          problems=problems)
+                          problems=problems, as_frames=str(built.info.get("not_a_stack", "")))
 
     def written(wrote: bool) -> None:
         outcome.written = wrote
@@ -311,6 +312,9 @@ def _count(run: _Run, outcome: _Outcome) -> None:
         skipped = run.summary.series_skipped
         skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
         return
+    if outcome.as_frames:
+        kept = run.summary.series_as_frames
+        kept[outcome.as_frames] = kept.get(outcome.as_frames, 0) + 1
     if outcome.written:
         run.summary.series_written += 1
     else:

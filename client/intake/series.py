@@ -129,7 +129,6 @@ def _labels(parts: SeriesParts, grid: list[list[Frame]]) -> tuple[str, str]:
 def _info(parts: SeriesParts, grid: list[list[Frame]], positions: np.ndarray) -> dict[str, Any]:
     """Geometry numbers for the manifest: nothing absolute, nothing textual from a header."""
     first = grid[0][0]
-    vendors = Counter(h.vendor for h in parts.hints)
     strengths = [h.field_strength_t for h in parts.hints if h.field_strength_t is not None]
     relative = positions - positions[0]
     info: dict[str, Any] = {
@@ -141,11 +140,16 @@ def _info(parts: SeriesParts, grid: list[list[Frame]], positions: np.ndarray) ->
                              if len(positions) > 1 else None),
         "trigger_times_ms": [[None if math.isnan(f.trigger_ms) else round(f.trigger_ms, 1) for f in row]
                              for row in grid],
-        "vendor": vendors.most_common(1)[0][0] if vendors else UNKNOWN,
+        "vendor": _vendor(parts),
         "field_strength_t": max(set(strengths), key=strengths.count) if strengths else None,
         "enhanced": any(h.enhanced for h in parts.hints),
     }
     return info
+
+
+def _vendor(parts: SeriesParts) -> str:
+    vendors = Counter(h.vendor for h in parts.hints)
+    return vendors.most_common(1)[0][0] if vendors else UNKNOWN
 
 
 def intensity_windows(grid: list[list[Frame]]) -> list[list[list[float]]]:
@@ -156,11 +160,64 @@ def intensity_windows(grid: list[list[Frame]]) -> list[list[list[float]]]:
     return [[[round(f.window[0], 3), round(f.window[1], 3)] for f in row] for row in grid]
 
 
+# Series that cannot form a (slices, phases) stack for these reasons keep their frames, each on
+# its own, for pretraining (and the sequence task): their pixels are sound.
+KEEP_AS_FRAMES = frozenset({"inconsistent_orientation", "inconsistent_spacing", "missing_slices",
+                            "missing_phases", "inconsistent_slice_spacing", "ambiguous_frames"})
+PLANE_DECIMALS = 2  # direction cosines rounded to this group a localizer's frames by plane
+
+
 def build_series(parts: SeriesParts) -> BuiltSeries:
-    """Order, check and stack one series; raises :class:`SkipSeries` with the QC reason."""
-    frames = parts.frames
-    if len(frames) > MAX_FRAMES_PER_SERIES:
+    """Order, check and stack one series; raises :class:`SkipSeries` with the QC reason.
+
+    A series that is not a stack (a three-plane localizer, a stack with a gap) becomes a series
+    of single frames instead (:func:`frames_series`), unless it is too large.
+    """
+    if len(parts.frames) > MAX_FRAMES_PER_SERIES:
         raise SkipSeries("series_too_large")
+    try:
+        return _stack_series(parts)
+    except SkipSeries as skip:
+        if skip.reason not in KEEP_AS_FRAMES:
+            raise
+        return frames_series(parts, skip.reason)
+
+
+def frames_series(parts: SeriesParts, reason: str) -> BuiltSeries:
+    """The frames of a series that is no stack, as (N, 1, crop, crop): split by plane (as
+    dcm2niix splits a localizer), each plane's frames along its normal, then by time.
+
+    Frames of several planes make a ``localizer``; ``info["stack"]`` is False and
+    ``info["planes"]`` gives each frame's plane, ``info["not_a_stack"]`` the QC reason.
+    """
+    planes: dict[tuple[float, ...], list[Frame]] = {}
+    for frame in parts.frames:
+        planes.setdefault(tuple(round(v, PLANE_DECIMALS) for v in frame.orientation), []).append(frame)
+    ordered, plane_of = [], []
+    for index, (_, members) in enumerate(sorted(planes.items())):
+        normal = slice_normal(members[0].orientation)
+        members.sort(key=lambda f: (round(float(np.dot(f.position, normal)), 2),
+                                    0.0 if math.isnan(f.trigger_ms) else f.trigger_ms, f.order))
+        ordered += members
+        plane_of += [index] * len(members)
+    grid = [[f] for f in ordered]
+    images = np.stack([f.image for f in ordered]).astype(np.float16, copy=False)[:, None]
+    sequence, view = _labels(parts, grid) if len(planes) == 1 else ("localizer", UNKNOWN)
+    first = ordered[0]
+    info: dict[str, Any] = {
+        "source": "dicom", "stack": False, "not_a_stack": reason, "planes": plane_of,
+        "pixel_spacing_mm": [round(first.spacing[0], 4), round(first.spacing[1], 4)],
+        "matrix": list(first.matrix), "vendor": _vendor(parts),
+    }
+    for f in ordered:
+        f.image = np.empty(0, dtype=np.float16)
+    return BuiltSeries(key=parts.key, subject=parts.subject, study_uid=parts.study_uid,
+                       series_uid=parts.series_uid, images=images, grid=grid,
+                       sequence=sequence, view=view, info=info)
+
+
+def _stack_series(parts: SeriesParts) -> BuiltSeries:
+    frames = parts.frames
     _check_consistency(frames)
     grid, positions = _grid(frames)
     _check_slice_gaps(positions)

@@ -30,6 +30,8 @@ class IngestSummary:
     series: int = 0  # series of this export in the store after the run
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> files
     series_skipped: dict[str, int] = field(default_factory=dict)  # QC reason -> series
+    # QC reason -> series kept as single frames (for pretraining) because they are no stack
+    series_as_frames: dict[str, int] = field(default_factory=dict)
     files_read: int = 0  # opened this run (the rest were known from an earlier run)
     series_written: int = 0  # new or changed this run
     series_unchanged: int = 0
@@ -67,6 +69,10 @@ class IngestSummary:
             table.add_row(name, str(count), meaning)
         for reason, count in sorted(self.skipped.items()):
             table.add_row(f"skipped: {reason}", str(count), REASONS.get(reason, ""))
+        for reason, count in sorted(self.series_as_frames.items()):
+            table.add_row(f"kept as frames: {reason}", str(count),
+                          f"series with no stack ({REASONS.get(reason, '')}): frames kept "
+                          "for pretraining")
         for name, count in sorted(self.labels.items()):
             table.add_row(f"labels: {name}", str(count), "")
         for problem, count in sorted(self.label_problems.items()):

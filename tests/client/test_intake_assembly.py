@@ -87,10 +87,11 @@ def test_a_series_spread_over_folders_is_built_from_all_its_files(tmp_path):
     assert (summary.files_accepted, summary.files_read) == (18, 18)
 
 
-def test_a_settled_series_that_fails_qc_once_complete_is_taken_out_again(tmp_path):
+def test_a_settled_series_that_fails_qc_once_complete_is_taken_out_again(tmp_path, monkeypatch):
     # Prepare: a valid series in folder a (stored early), a second series in b, and in c one
-    # more file of the first series at another pixel spacing (the whole series fails QC);
-    # a reference store gets the same export laid out so that nothing can settle early
+    # more file of the first series, one frame over the (lowered) size limit: the whole series
+    # fails QC; a reference store gets the same export laid out so that nothing settles early
+    monkeypatch.setattr("client.intake.series.MAX_FRAMES_PER_SERIES", 6)
     export, flat = tmp_path / "export", tmp_path / "flat"
     first = write_cine_series(export / "a", seed=1, slices=2, phases=3, study=5)
     write_cine_series(export / "b", seed=2, slices=2, phases=3, study=6)
@@ -111,8 +112,8 @@ def test_a_settled_series_that_fails_qc_once_complete_is_taken_out_again(tmp_pat
 
     # Assert: the first series is gone again, from the manifest, the arrays and the index
     store = LocalStore.open(tmp_path / "store")
-    assert summary.series_skipped == {"inconsistent_spacing": 1}
-    assert summary.skipped == {"inconsistent_spacing": len(first.files) + 1}
+    assert summary.series_skipped == {"series_too_large": 1}
+    assert summary.skipped == {"series_too_large": len(first.files) + 1}
     assert (summary.series, summary.series_written) == (1, 1)
     assert len(list((tmp_path / "store" / "arrays").iterdir())) == 1
     index = json.loads((tmp_path / "store" / "intake" / "index.json").read_text())

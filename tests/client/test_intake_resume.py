@@ -84,7 +84,7 @@ def test_a_file_added_to_a_stored_series_rebuilds_that_series(tmp_path):
     complete = ingest_dicom(tmp_path / "export", tmp_path / "store", crop_px=16)
 
     # Assert
-    assert incomplete.series_skipped == {"missing_phases": 1}
+    assert incomplete.series_as_frames == {"missing_phases": 1}  # frames kept meanwhile
     assert (complete.series, complete.files_accepted, complete.skipped) == (1, 6, {})
     assert LocalStore.open(tmp_path / "store").records()[0].shape[:2] == [2, 3]
 

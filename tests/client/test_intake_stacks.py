@@ -109,20 +109,22 @@ def test_maps_keep_their_physical_scale(tmp_path):
     (tuple((2, t) for t in range(4)), "missing_slices"),  # a whole middle slice gone
     (((1, 2),), "missing_phases"),  # one frame gone
 ])
-def test_incomplete_stacks_are_skipped_with_reason(tmp_path, drop, reason):
+def test_incomplete_stacks_keep_their_frames_for_pretraining(tmp_path, drop, reason):
     # Prepare
     write_cine_series(tmp_path / "export", slices=5, phases=4, rows=16, cols=16, drop=drop)
 
     # Execute
     summary = ingest_dicom(tmp_path / "export", tmp_path / "store", crop_px=16)
 
-    # Assert: every file of the series is counted under the QC reason, nothing stored
-    assert summary.skipped == {reason: 20 - len(drop)}
-    assert summary.series_skipped == {reason: 1}
-    assert LocalStore.open(tmp_path / "store").records() == []
+    # Assert: no stack, but every sound frame is in the store, with the reason counted
+    assert summary.skipped == {} and summary.series_skipped == {}
+    assert summary.series_as_frames == {reason: 1}
+    store, record = _only_record(tmp_path / "store")
+    assert record.shape == [20 - len(drop), 1, 16, 16]
+    assert record.info["stack"] is False and record.info["not_a_stack"] == reason
 
 
-def test_mixed_orientation_and_spacing_are_skipped_with_reason(tmp_path):
+def test_mixed_orientation_and_spacing_keep_their_frames(tmp_path):
     # Prepare: two halves of "one" series (same UIDs) with different planes / pixel sizes
     write_cine_series(tmp_path / "a" / "p1", seed=1, slices=2, phases=2, rows=16, cols=16)
     write_cine_series(tmp_path / "a" / "p2", seed=2, slices=2, phases=2, rows=16, cols=16,
@@ -137,5 +139,32 @@ def test_mixed_orientation_and_spacing_are_skipped_with_reason(tmp_path):
     b = ingest_dicom(tmp_path / "b", tmp_path / "store_b", crop_px=16)
 
     # Assert
-    assert a.series_skipped == {"inconsistent_orientation": 1}
-    assert b.series_skipped == {"inconsistent_spacing": 1}
+    assert a.series_as_frames == {"inconsistent_orientation": 1} and a.series_skipped == {}
+    assert b.series_as_frames == {"inconsistent_spacing": 1} and b.series_skipped == {}
+    _, record = _only_record(tmp_path / "store_a")
+    assert record.sequence == "localizer"  # frames in two planes
+    assert sorted(set(record.info["planes"])) == [0, 1] and record.shape[:2] == [8, 1]
+
+
+def test_three_plane_localizer_is_split_by_plane(tmp_path):
+    # Prepare: one series, three orthogonal planes of 3 frames each (a scout)
+    import pydicom
+
+    for plane in range(3):
+        write_cine_series(tmp_path / "export" / f"p{plane}", seed=plane, slices=3, phases=1,
+                          rows=16, cols=16, instance_base=10 * plane, description="localizer")
+    orientations = ([1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, -1], [0, 1, 0, 0, 0, -1])
+    for plane, iop in enumerate(orientations):
+        for path in (tmp_path / "export" / f"p{plane}").iterdir():
+            ds = pydicom.dcmread(path)
+            ds.ImageOrientationPatient = iop
+            ds.save_as(path)
+
+    # Execute
+    summary = ingest_dicom(tmp_path / "export", tmp_path / "store", crop_px=16)
+
+    # Assert
+    assert summary.series_as_frames == {"inconsistent_orientation": 1}
+    _, record = _only_record(tmp_path / "store")
+    assert record.sequence == "localizer" and record.shape[:2] == [9, 1]
+    assert record.info["planes"] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
