@@ -7,6 +7,8 @@ this module is imported, so a saved encoder loads with plain timm:
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Any
 
 import timm
@@ -17,6 +19,86 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from shared_model.presets import PRESETS, EncoderPreset  # noqa: F401  (re-exported)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm (Opacus-safe: no BatchNorm) and a shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.norm1 = _group_norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.norm2 = _group_norm(c_out)
+        self.shortcut = nn.Identity() if c_in == c_out and stride == 1 else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), _group_norm(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.gelu(self.norm1(self.conv1(x)))
+        return nn.functional.gelu(self.norm2(self.conv2(y)) + self.shortcut(x))
+
+
+class ConvStem(nn.Module):
+    """A convolutional patch embedding for timm's ViT (its ``embed_layer``).
+
+    Stages at 1, 1/2, ... 1/(patch/2) of the input (``width`` channels, doubling, at most 256),
+    then a stride-2 convolution to the token grid at 1/patch. The stages' outputs of the last
+    forward pass stay in ``skips``: the decoder of a dense task takes them, so fine borders come
+    from pretrained features rather than from a decoder trained on a few labelled frames.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 96, patch_size: int | tuple[int, int] = 8,
+                 in_chans: int = 1, embed_dim: int = 192, bias: bool = True, width: int = 16,
+                 output_fmt: str = "NCHW", **_: Any) -> None:
+        super().__init__()
+        patch = patch_size[0] if isinstance(patch_size, tuple) else patch_size
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        levels = int(round(math.log2(patch)))
+        if 2**levels != patch or levels < 1:
+            raise ValueError(f"a conv stem needs a power-of-two patch size, not {patch}")
+        self.img_size = size
+        self.patch_size = (patch, patch)
+        self.grid_size = (size[0] // patch, size[1] // patch)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.output_fmt = output_fmt
+        self.widths = [min(width * 2**i, 256) for i in range(levels)]
+        stages = [nn.Sequential(nn.Conv2d(in_chans, self.widths[0], 3, 1, 1, bias=False),
+                                _group_norm(self.widths[0]), nn.GELU(),
+                                ResidualBlock(self.widths[0], self.widths[0]))]
+        stages += [ResidualBlock(self.widths[i - 1], self.widths[i], stride=2)
+                   for i in range(1, levels)]
+        self.stages = nn.ModuleList(stages)
+        self.proj = nn.Conv2d(self.widths[-1], embed_dim, 3, 2, 1, bias=bias)
+        self.skips: list[torch.Tensor] = []
+
+    def feat_ratio(self, as_scalar: bool = True) -> int:
+        return self.patch_size[0]
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        self.skips = skips
+        x = self.proj(x)
+        if self.output_fmt == "NHWC":  # timm's dynamic image size defers the flattening
+            return x.permute(0, 2, 3, 1)
+        return x.flatten(2).transpose(1, 2)
+
+
+def model_kwargs(preset: EncoderPreset) -> dict[str, Any]:
+    """What VisionTransformer takes to build the preset (its stem as a module class)."""
+    kwargs = preset.timm_kwargs()
+    if kwargs.pop("stem", "patch") == "conv":
+        kwargs["embed_layer"] = partial(ConvStem, width=kwargs.pop("stem_width"))
+    return kwargs
 
 
 def _register_with_timm(preset: EncoderPreset) -> None:
@@ -34,7 +116,7 @@ def _register_with_timm(preset: EncoderPreset) -> None:
                 mean=(0.0,), std=(1.0,), num_classes=0, first_conv="patch_embed.proj",
                 license="apache-2.0")
         return build_model_with_cfg(VisionTransformer, preset.timm_name, pretrained=False,
-                                    **dict(preset.timm_kwargs(), **kwargs))
+                                    **dict(model_kwargs(preset), **kwargs))
 
     create.__name__ = preset.timm_name
     create.__qualname__ = preset.timm_name
@@ -63,7 +145,8 @@ class Encoder(VisionTransformer):
 
     - ``encoder(images)``: all tokens after the final norm, (B, prefix + N, D)
     - ``encoder(images, keep)``: only the patches indexed by ``keep`` (B, K) are encoded (MAE),
-      (B, prefix + K, D)
+      (B, prefix + K, D); a conv stem sees the whole (masked) image
+    - ``skips``: with a conv stem, its feature maps of the last call (dense heads use them)
     - with ``taps`` set: token maps of those blocks, before the final norm, (B, T, N, D)
     - bags of frames (B, K, 1, H, W) give (B, K, ...): under DP-SGD a bag (a series or a
       study) is then one sample, as it must be
@@ -72,6 +155,14 @@ class Encoder(VisionTransformer):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.taps: tuple[int, ...] = ()
+
+    @property
+    def has_conv_stem(self) -> bool:
+        return isinstance(self.patch_embed, ConvStem)
+
+    @property
+    def skips(self) -> list[torch.Tensor]:
+        return self.patch_embed.skips if isinstance(self.patch_embed, ConvStem) else []
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         if images.ndim == 5:
@@ -101,7 +192,7 @@ def build_encoder(preset: str | EncoderPreset, drop_path_rate: float = 0.0) -> E
     changes the forward pass, so the weights still load into plain timm models.
     """
     p = get_preset(preset) if isinstance(preset, str) else preset
-    return Encoder(**p.timm_kwargs(), in_chans=1, num_classes=0, drop_path_rate=drop_path_rate,
+    return Encoder(**model_kwargs(p), in_chans=1, num_classes=0, drop_path_rate=drop_path_rate,
                    dynamic_img_size=True)
 
 

@@ -35,13 +35,3 @@ class SSLModel(Protocol):
 
     def state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         ...
-
-
-def embedding_std(features: torch.Tensor) -> float:
-    """Std over the batch of L2-normalised embeddings, averaged over dimensions.
-
-    About 1/sqrt(D) for well-spread embeddings and 0 for a collapsed encoder (all inputs mapped
-    to one point): the health signal both methods log.
-    """
-    normed = torch.nn.functional.normalize(features.detach().float(), dim=-1)
-    return float(normed.std(dim=0).mean())

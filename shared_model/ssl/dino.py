@@ -7,7 +7,8 @@ Views: two global crops at the encoder's input size and several smaller local cr
 suited intensity and geometry augmentations (no left-right flips, see shared_model.augment).
 
 Health signals: the teacher's mean entropy (collapse to one prototype -> 0; to uniform ->
-log(out_dim)) and the spread of the student's CLS embeddings.
+log(out_dim)), its KL to the batch's mean distribution (0 under either collapse), and the spread
+and effective rank of the student's CLS embeddings.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from shared_model.augment import ViewSpec, make_view
 from shared_model.config import DINOConfig, TeacherMode
 from shared_model.encoders import Encoder
-from shared_model.ssl.base import embedding_std
+from shared_model.ssl.health import embedding_std, rankme
 
 # ---------------------------------------------------------------------------- pure functions
 
@@ -81,6 +82,18 @@ def updated_center(center: torch.Tensor, teacher_logits: torch.Tensor,
 
 def mean_entropy(probs: torch.Tensor) -> float:
     return float(-(probs * torch.log(probs.clamp(min=1e-12))).sum(dim=-1).mean())
+
+
+def kl_to_center(probs: torch.Tensor) -> float:
+    """Mean KL(teacher distribution of an image || the batch's mean distribution), nats.
+
+    The batch mean is where centring pulls the teacher; this is the information the teacher's
+    output carries about the image: 0 under either collapse (one prototype for all, or the
+    same uniform output for all), up to log(out_dim) when every image gets its own prototype.
+    """
+    mean = probs.mean(dim=0, keepdim=True).clamp(min=1e-12)
+    log_ratio = probs.clamp(min=1e-12).log() - mean.log()
+    return float((probs * log_ratio).sum(dim=-1).mean())
 
 
 # ---------------------------------------------------------------------------- modules
@@ -176,7 +189,8 @@ class DINO(nn.Module):
         with torch.no_grad():
             self.center.copy_(updated_center(self.center, teacher_logits, self.cfg.center_momentum))
         return loss, {"teacher_entropy": mean_entropy(probs),
-                      "embed_std": embedding_std(student_global)}
+                      "kl_to_center": kl_to_center(probs),
+                      "embed_std": embedding_std(student_global), "rankme": rankme(student_global)}
 
     def after_optimizer_step(self) -> None:
         momentum = cosine_schedule(self.cfg.momentum_start, 1.0, self.progress)

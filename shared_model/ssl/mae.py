@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Block
 from shared_model.augment import ViewSpec, make_view
 from shared_model.config import MAEConfig
 from shared_model.encoders import Encoder
-from shared_model.ssl.base import embedding_std
+from shared_model.ssl.health import embedding_std, rankme
 
 
 def mae_view_spec(image_size: int) -> ViewSpec:
@@ -115,7 +115,12 @@ class MAE(nn.Module):
         """(loss, predicted patches, mask, encoded visible tokens) for already-made views."""
         keep, restore, mask = random_masking(images.shape[0], self.encoder.patch_embed.num_patches,
                                              self.cfg.mask_ratio, gen)
-        latent = self.encoder(images, keep)
+        visible = images
+        if self.encoder.has_conv_stem:  # a conv stem sees neighbours: hide the masked pixels
+            grid = self.encoder.patch_embed.grid_size
+            hidden = mask.view(-1, 1, *grid).repeat_interleave(self.patch_size, 2)
+            visible = images * (1 - hidden.repeat_interleave(self.patch_size, 3).to(images))
+        latent = self.encoder(visible, keep)
         pred = self.head(latent, restore)
         mask = mask.to(images.device)
         target = patchify(images, self.patch_size)
@@ -128,7 +133,7 @@ class MAE(nn.Module):
         loss, _, _, latent = self(views, gen)
         # The CLS token receives no MAE gradient; pooled patch tokens show collapse instead.
         pooled = latent[:, self.encoder.num_prefix_tokens:].mean(dim=1)
-        return loss, {"embed_std": embedding_std(pooled)}
+        return loss, {"embed_std": embedding_std(pooled), "rankme": rankme(pooled)}
 
     def federated_prefixes(self) -> tuple[str, ...]:
         return ("encoder.", "head.")

@@ -94,32 +94,42 @@ def conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 class DenseDecoder(nn.Module):
     """Token features from several depths, upsampled to the input size with image skips.
 
-    The ViT sees the image in patches (8 px); a light convolutional stem on the raw image gives
-    skips at 1, 1/2, 1/4 ... of the input resolution, so borders are drawn at pixel precision
-    rather than at patch precision.
+    The ViT sees the image in patches (8 or 16 px). The skips at 1, 1/2, 1/4 ... of the input
+    resolution come from the encoder's convolutional stem when it has one (pretrained with it,
+    ``stem_widths``), else from a light convolutional stem of the decoder's own on the raw image,
+    so borders are drawn at pixel precision rather than at patch precision.
     """
 
     def __init__(self, embed_dim: int, patch_size: int, num_depths: int, out_channels: int,
-                 base_width: int = 16) -> None:
+                 base_width: int = 16, stem_widths: list[int] | None = None) -> None:
         super().__init__()
         levels = int(round(math.log2(patch_size)))
         if 2**levels != patch_size:
             raise ValueError(f"patch size {patch_size} is not a power of two")
-        widths = [min(base_width * 2**i, 256) for i in range(levels + 1)]  # full res ... tokens
-        self.stems = nn.ModuleList([conv_block(1, widths[0])] + [
-            conv_block(widths[i - 1], widths[i], stride=2) for i in range(1, levels)])
+        if stem_widths is None:
+            widths = [min(base_width * 2**i, 256) for i in range(levels + 1)]  # full res ... tokens
+            self.stems: nn.ModuleList | None = nn.ModuleList([conv_block(1, widths[0])] + [
+                conv_block(widths[i - 1], widths[i], stride=2) for i in range(1, levels)])
+            skip_widths = widths[:levels]
+        else:
+            self.stems = None
+            skip_widths = list(stem_widths)
+            widths = skip_widths + [min(2 * skip_widths[-1], 256)]
         self.project = nn.ModuleList(nn.Conv2d(embed_dim, widths[-1], 1) for _ in range(num_depths))
         self.fuse = nn.Sequential(nn.GroupNorm(8, widths[-1]), nn.GELU())
-        self.ups = nn.ModuleList(conv_block(widths[i + 1] + widths[i], widths[i])
+        self.ups = nn.ModuleList(conv_block(widths[i + 1] + skip_widths[i], widths[i])
                                  for i in reversed(range(levels)))
         self.out = nn.Conv2d(widths[0], out_channels, 1)
 
-    def forward(self, images: torch.Tensor, token_maps: list[torch.Tensor]) -> torch.Tensor:
-        skips = []
-        x = images
-        for stem in self.stems:
-            x = stem(x)
-            skips.append(x)
+    def forward(self, images: torch.Tensor, token_maps: list[torch.Tensor],
+                skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if self.stems is not None:
+            skips = []
+            x = images
+            for stem in self.stems:
+                x = stem(x)
+                skips.append(x)
+        assert skips is not None, "a decoder without stems of its own needs the encoder's skips"
         y = self.fuse(sum(p(t) for p, t in zip(self.project, token_maps, strict=True)))
         for up, skip in zip(self.ups, reversed(skips), strict=True):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
@@ -135,15 +145,16 @@ class DensePredictor(nn.Module):
         self.encoder = encoder
         encoder.taps = tuple(depth_indices(len(encoder.blocks)))
         self.patch_size = int(encoder.patch_embed.patch_size[0])
+        stem_widths = encoder.patch_embed.widths if encoder.has_conv_stem else None
         self.head = DenseDecoder(encoder.embed_dim, self.patch_size, len(encoder.taps), out_channels,
-                                 base_width=width)
+                                 base_width=width, stem_widths=stem_widths)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         taps = self.encoder(images)  # (B, T, N, D)
         b, t, n, d = taps.shape
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         maps = taps.permute(1, 0, 3, 2).reshape(t, b, d, h, w)
-        return self.head(images, list(maps.unbind(0)))
+        return self.head(images, list(maps.unbind(0)), self.encoder.skips or None)
 
 
 def build_task_model(task: Task, encoder: Encoder, decoder_width: int = 16) -> nn.Module:

@@ -112,3 +112,23 @@ def test_saved_encoder_loads_with_plain_timm(tmp_path: Path, preset: str) -> Non
     loaded.eval()
     with torch.no_grad():
         assert torch.allclose(loaded(x), encoder(x)[:, 0], atol=1e-6)  # CLS embedding
+
+
+@pytest.mark.parametrize("preset", ["hybrid-tiny-p8-96", "hybrid-tiny-p16-96"])
+def test_hybrid_encoders_load_in_plain_timm_and_give_skips(tmp_path, preset) -> None:
+    import timm
+
+    from shared_model.encoders import build_encoder, get_preset
+
+    torch.manual_seed(0)
+    encoder = build_encoder(preset)
+    images = torch.rand(2, 1, 96, 96)
+    ours = encoder(images)
+    p = get_preset(preset)
+    assert [s.shape[-1] for s in encoder.skips] == [96 // 2**i for i in range(len(encoder.skips))]
+    save_safetensors(tmp_path / "encoder.safetensors", encoder.state_dict())
+    plain = timm.create_model(p.timm_name, in_chans=1, num_classes=0,
+                              checkpoint_path=str(tmp_path / "encoder.safetensors"))
+    plain.eval(), encoder.eval()
+    assert torch.allclose(plain.forward_features(images), encoder(images), atol=1e-5)
+    assert ours.shape == (2, 1 + (96 // p.patch_size) ** 2, p.embed_dim)
