@@ -88,6 +88,7 @@ class NnunetDataset:
     sequence: str
     view: str
     patients: dict[str, str] = field(default_factory=dict)  # case -> patient (cases.csv)
+    groups: dict[str, str] = field(default_factory=dict)  # case -> group (cases.csv)
     diseases: dict[str, str] = field(default_factory=dict)  # patient -> disease class
 
     @property
@@ -132,7 +133,7 @@ def read_dataset(src: Path, label_map: dict[str, str] | None = None,
         channels=len(channel_names),
         sequence=sequence or _sequence_of(description),
         view=view or ("4ch" if {"la_blood", "ra_blood"} & set(values.values()) else "sax"))
-    dataset.patients, dataset.diseases = _read_cases(src / "cases.csv")
+    dataset.patients, dataset.groups, dataset.diseases = _read_cases(src / "cases.csv")
     return dataset
 
 
@@ -146,10 +147,10 @@ def _sequence_of(description: str) -> str:
     return "cine"  # cardiac segmentation datasets are cine unless their channel says otherwise
 
 
-def _read_cases(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+def _read_cases(path: Path) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     if not path.is_file():
-        return {}, {}
-    patients, diseases = {}, {}
+        return {}, {}, {}
+    patients, groups, diseases = {}, {}, {}
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if "case" not in (reader.fieldnames or []):
@@ -160,10 +161,11 @@ def _read_cases(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             if not case:
                 continue
             patients[case] = patient or case
+            groups[case] = (row.get("group") or "").strip()
             label = normalise_label_name(row.get("disease") or row.get("group") or "")
             if label in GROUP_DISEASES:
                 diseases[patients[case]] = GROUP_DISEASES[label]
-    return patients, diseases
+    return patients, groups, diseases
 
 
 @dataclass
@@ -273,9 +275,12 @@ def ingest_nnunet(options: IngestOptions, label_map: dict[str, str] | None = Non
     pseudonymiser = Pseudonymiser(secret)
     index = IntakeIndex.load(options.store)
     files = list_files(options.src, exclude=[options.store])
-    cases = find_cases(dataset)
+    found = find_cases(dataset)
+    cases = [c for c in found if options.takes_patient(
+        dataset.patients.get(c.case, c.case), group=dataset.groups.get(c.case, ""))]
     summary = IngestSummary(format="nnunet")
     skips: Counter = Counter()
+    skips["patient_not_selected"] = sum(1 + (c.label is not None) for c in found if c not in cases)
     accepted = {p for p in (options.src / "dataset.json", options.src / "cases.csv") if p.is_file()}
     keys: set[str] = set()
     try:

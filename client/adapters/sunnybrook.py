@@ -190,10 +190,14 @@ def _links(path: Path) -> list[tuple[str, str]]:
     return links
 
 
-def sunnybrook_labels(root: Path, pseudonymiser: Pseudonymiser) -> NodeLabels:
-    """Contours of every patient in ``link.csv`` as labels keyed by store series UID."""
+def sunnybrook_labels(root: Path, pseudonymiser: Pseudonymiser,
+                      patients: set[str] | None = None) -> NodeLabels:
+    """Contours of every patient in ``link.csv`` (or of ``patients``, folder names) as labels
+    keyed by store series UID."""
     out = NodeLabels()
     for patient, original in _links(root / "link.csv"):
+        if patients is not None and patient not in patients:
+            continue
         headers = _headers(root / "dicoms" / patient)
         contours = _contours(root / "contours" / original)
         if not headers or not contours["i"]:
@@ -222,6 +226,10 @@ def ingest_sunnybrook(options: IngestOptions) -> IngestSummary:
         raise IntakeError(f"{root} is not a Sunnybrook folder: missing {', '.join(missing)} "
                           "(expected dicoms/, contours/ and link.csv)")
     opened = open_store(options)
-    labels = sunnybrook_labels(root, Pseudonymiser(opened[1]))
+    taken = {patient for patient, original in _links(root / "link.csv")
+             if options.takes_patient(patient, original)}
+    labels = sunnybrook_labels(root, Pseudonymiser(opened[1]), taken)
+    left_out = tuple(p for p in sorted((root / "dicoms").iterdir())
+                     if p.is_dir() and p.name not in taken)
     return run_dicom_intake(options, labels, fmt="sunnybrook", scan_root=root / "dicoms",
-                            opened=opened)
+                            opened=opened, excluded_folders=left_out)

@@ -67,6 +67,18 @@ class IngestOptions:
     label_map: dict[str, str] = field(default_factory=dict)
     sequence: str | None = None
     view: str | None = None
+    # Dataset adapters (sunnybrook, nnunet): take only these patients (the dataset's own patient
+    # names; None: all), never these, and (nnunet) only cases of these groups of cases.csv
+    patients: frozenset[str] | None = None
+    exclude_patients: frozenset[str] = frozenset()
+    groups: frozenset[str] | None = None
+
+    def takes_patient(self, *names: str, group: str = "") -> bool:
+        """Whether a dataset adapter ingests the patient known by ``names`` (a dataset may
+        name one patient twice, e.g. Sunnybrook's folder and contour ids), and its group."""
+        return ((self.patients is None or bool(self.patients.intersection(names)))
+                and not self.exclude_patients.intersection(names)
+                and (self.groups is None or group in self.groups))
 
     def worker_count(self) -> int:
         return self.workers if self.workers > 0 else max(1, min(2, os.cpu_count() or 1))
@@ -376,8 +388,10 @@ def open_store(options: IngestOptions) -> tuple[LocalStore, str]:
 
 def run_dicom_intake(options: IngestOptions, labels: NodeLabels | None = None,
                      fmt: str = "dicom", scan_root: Path | None = None,
-                     opened: tuple[LocalStore, str] | None = None) -> IngestSummary:
-    """Ingest every DICOM file under ``scan_root`` (default ``options.src``)."""
+                     opened: tuple[LocalStore, str] | None = None,
+                     excluded_folders: tuple[Path, ...] = ()) -> IngestSummary:
+    """Ingest every DICOM file under ``scan_root`` (default ``options.src``), except those in
+    ``excluded_folders`` (patients an adapter leaves out)."""
     started = time.monotonic()
     store, secret = opened or open_store(options)
     pseudonymiser = Pseudonymiser(secret)
@@ -388,7 +402,7 @@ def run_dicom_intake(options: IngestOptions, labels: NodeLabels | None = None,
                settings=ReadSettings(spacing_mm=options.spacing_mm, crop_px=options.crop_px,
                                      secret=secret, landmark_sops=labels.landmark_sops,
                                      scan_root=str(root)))
-    run.files = list_files(root, exclude=[options.store])
+    run.files = list_files(root, exclude=[options.store, *excluded_folders])
     if run.index.files:  # an earlier run stored files: find them before reading anything
         run.fingerprints = [file_fingerprint(pseudonymiser, root, f) for f in run.files]
     else:  # a new store: the readers fingerprint the files they accept, in parallel

@@ -71,5 +71,6 @@ ADAPTER_REASONS: dict[str, str] = {
     "unused_file": "a file the dataset layout does not use",
     "inconsistent_labels": "a ground-truth volume whose shape differs from its image",
     "unknown_label_values": "a label map holding values that dataset.json does not name",
+    "patient_not_selected": "a case of a patient (or group) the ingest was told to leave out",
 }
 REASONS.update(ADAPTER_REASONS)

@@ -141,3 +141,12 @@ def test_unknown_label_name_names_the_fix(tmp_path: Path) -> None:
 def test_label_map_rejects_unknown_structures() -> None:
     with pytest.raises(IntakeError, match="NAME=structure"):
         parse_label_map(["LV=left_ventricle"])
+
+
+def test_patients_and_groups_can_be_selected(tmp_path: Path) -> None:
+    _dataset(tmp_path / "ds")
+    only_normal = _run(tmp_path / "ds", tmp_path / "a", groups=frozenset({"normal"}))
+    assert only_normal.subjects == 2 and only_normal.series == 2
+    assert only_normal.skipped == {"patient_not_selected": 4}
+    without = _run(tmp_path / "ds", tmp_path / "b", exclude_patients=frozenset({"MRN123456"}))
+    assert without.subjects == 2 and without.series == 2

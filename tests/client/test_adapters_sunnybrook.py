@@ -156,3 +156,11 @@ def test_damaged_contour_costs_its_frame_and_is_counted(tmp_path):
     assert problems["unreadable_contour"] == 1
     assert list(labels.partial) == [(0, 0)]
     assert (labels.mask_loader()[0, 1] == 0).all() and labels.mask_loader()[0, 0].any()
+
+
+@needs_data
+def test_sunnybrook_patients_can_be_left_out(tmp_path):
+    options = IngestOptions(src=SUNNYBROOK, store=tmp_path / "store", spacing_mm=3.0, crop_px=32,
+                            progress=False, exclude_patients=frozenset({"SCD0000301"}))
+    summary = ingest(options, "sunnybrook")
+    assert summary.subjects == 2 and summary.files_seen == 500
