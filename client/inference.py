@@ -132,9 +132,13 @@ def probabilities_to_frame(probs: torch.Tensor, centre: tuple[float, float],
 
 def segment_stack(segmenter: Segmenter, frames: Sequence[np.ndarray],
                   spacing: tuple[float, float], keep_largest: bool = True,
-                  batch_size: int = 16) -> np.ndarray:
-    """Class indices (N, rows, cols) for N frames of one geometry (row, col spacing in mm)."""
-    centre = locate_heart(segmenter, frames, spacing)
+                  batch_size: int = 16, stack: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """Class indices (N, rows, cols) for N frames of one geometry (row, col spacing in mm).
+
+    ``stack``: the whole stack the frames belong to, where the heart is looked for (default:
+    the frames themselves).
+    """
+    centre = locate_heart(segmenter, stack if stack is not None else frames, spacing)
     grid = segmenter.grid
     out = np.zeros((len(frames), *frames[0].shape), dtype=np.uint8)
     for start in range(0, len(frames), batch_size):

@@ -4,8 +4,9 @@ Images are (B, 1, H, W) float tensors scaled so that the 1st..99th intensity per
 0..1 (the store's normalisation). Random parameters are drawn on the CPU from the generator and
 moved to the images' device, so a seed gives the same views on any device.
 
-Left-right flips are not used: they turn a heart's left-sided anatomy into a mirror image no
-scanner produces, which would teach the encoder an invariance the clinic never needs.
+Pretraining views use no left-right flips (the encoder should tell the left-sided anatomy from
+its mirror image); segmentation fine-tuning does flip, since a short-axis stack may be viewed
+from the base or from the apex (see :data:`SEGMENTATION_GEOMETRY`).
 """
 
 from __future__ import annotations
@@ -93,16 +94,46 @@ def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=True)
 
 
+@dataclass(frozen=True)
+class GeometrySpec:
+    """Random in-plane geometry for fine-tuning: rotation (deg), zoom range (log-uniform),
+    shift (fraction of the half-width) and mirror flips."""
+
+    max_rotation_deg: float = 12.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    max_shift: float = 0.06
+    flips: bool = False
+
+
+# Segmentation of the heart in any in-plane orientation, at any size: a short-axis slice seen
+# from base or apex is mirrored, patients' hearts differ by ~2x in diameter (a hypertrophied LV
+# cavity vs a dilated one), and exports are not centred on the heart. Measured on real patients
+# of other pathology groups than the labelled one: +4 to +44 Dice points over mild augmentation.
+SEGMENTATION_GEOMETRY = GeometrySpec(max_rotation_deg=180.0, scale=(0.7, 1.4), max_shift=0.1,
+                                     flips=True)
+# Landmarks have sides (anterior/inferior insertion, hinge 1/2): rotations and zoom, no mirror.
+LANDMARK_GEOMETRY = GeometrySpec(max_rotation_deg=180.0, scale=(0.8, 1.25), max_shift=0.08)
+CLASSIFICATION_GEOMETRY = GeometrySpec()
+
+
 def random_affine_theta(batch: int, gen: torch.Generator, max_rotation_deg: float = 12.0,
-                        scale: tuple[float, float] = (0.9, 1.1),
-                        max_shift: float = 0.06) -> torch.Tensor:
+                        scale: tuple[float, float] = (0.9, 1.1), max_shift: float = 0.06,
+                        flips: bool = False) -> torch.Tensor:
     """(B, 2, 3) affine matrices in normalised coordinates: output point -> input point."""
     angle = _uniform(gen, batch, -max_rotation_deg, max_rotation_deg) * math.pi / 180
-    zoom = 1.0 / _uniform(gen, batch, *scale)
+    zoom = 1.0 / torch.exp(_uniform(gen, batch, math.log(scale[0]), math.log(scale[1])))
     tx = _uniform(gen, batch, -max_shift, max_shift)
     ty = _uniform(gen, batch, -max_shift, max_shift)
+    mirror = torch.where(torch.rand(batch, generator=gen) < 0.5, -1.0, 1.0) if flips \
+        else torch.ones(batch)
     cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
-    return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    return torch.stack([torch.stack([cos * mirror, -sin, tx], 1),
+                        torch.stack([sin * mirror, cos, ty], 1)], 1)
+
+
+def random_geometry(batch: int, spec: GeometrySpec, gen: torch.Generator) -> torch.Tensor:
+    return random_affine_theta(batch, gen, spec.max_rotation_deg, spec.scale, spec.max_shift,
+                               spec.flips)
 
 
 def apply_affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:

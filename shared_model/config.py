@@ -166,10 +166,11 @@ class TasksConfig:
     names: list[str] = field(default_factory=list)
     arch: TaskArch = TaskArch.fm
     mode: FinetuneMode = FinetuneMode.full
-    steps: int = 200  # optimiser steps per fine-tuning session
+    steps: int = 5000  # optimiser steps per fine-tuning session (at most)
     # Wall-clock budget of a session, seconds: it ends at `steps` or here, whichever comes
-    # first, and the learning-rate schedule runs over the budget. None: steps only.
-    max_seconds: Optional[float] = None
+    # first, and the learning-rate schedule runs over the budget. None: steps only. The default
+    # suits a hospital node on 2 CPU cores (a GPU node takes many more steps in it).
+    max_seconds: Optional[float] = 150.0
     batch_size: int = 16
     lr: float = 1.0e-3  # head learning rate; encoder block i gets lr * layer_decay**(depth - i)
     layer_decay: float = 0.75
@@ -280,6 +281,9 @@ class SimConfig:
     federated_finetune: bool = True
     local_finetune_arms: list[str] = field(default_factory=list)  # [] = every arm
     overlays: bool = True
+    # Patients (the datasets' own names) that no simulated site ingests: a fixed test set kept
+    # out of pretraining, recorded in the released model's config and card.
+    holdout_patients: list[str] = field(default_factory=list)
 
 
 @dataclass

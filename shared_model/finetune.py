@@ -15,10 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from shared_model.augment import (
+    CLASSIFICATION_GEOMETRY,
+    LANDMARK_GEOMETRY,
+    SEGMENTATION_GEOMETRY,
     ViewSpec,
     affine_points,
     apply_affine,
-    random_affine_theta,
+    random_geometry,
     random_intensity,
 )
 from shared_model.config import FinetuneMode, TasksConfig
@@ -36,8 +39,13 @@ from shared_model.train import (
     run_steps,
 )
 
+# Between scanners and protocols: gamma, contrast, brightness and noise (segmentation wider:
+# it must hold on exports of other vendors than the labelled one).
 FINETUNE_INTENSITY = ViewSpec(size=0, gamma=(0.8, 1.25), contrast=(0.85, 1.15), brightness=0.05,
                               noise_std=0.02)
+SEGMENTATION_INTENSITY = ViewSpec(size=0, gamma=(0.7, 1.5), contrast=(0.75, 1.25), brightness=0.1,
+                                  noise_std=0.03)
+GEOMETRY = {TaskKind.segmentation: SEGMENTATION_GEOMETRY, TaskKind.landmarks: LANDMARK_GEOMETRY}
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -86,10 +94,12 @@ def set_encoder_trainable(model: torch.nn.Module, trainable: bool) -> None:
 
 def augment_batch(task: Task, inputs: torch.Tensor, targets: torch.Tensor,
                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same small rotation/scale/shift for image and label, plus intensity changes."""
+    """The same rotation/zoom/shift (and, for segmentation, mirror) for image and label, plus
+    intensity changes; how wide each is depends on the task's kind."""
     frames = inputs.flatten(0, 1) if task.kind == TaskKind.bag_classification else inputs
-    theta = random_affine_theta(frames.shape[0], gen)
-    frames = random_intensity(apply_affine(frames, theta), FINETUNE_INTENSITY, gen)
+    theta = random_geometry(frames.shape[0], GEOMETRY.get(task.kind, CLASSIFICATION_GEOMETRY), gen)
+    intensity = SEGMENTATION_INTENSITY if task.kind == TaskKind.segmentation else FINETUNE_INTENSITY
+    frames = random_intensity(apply_affine(frames, theta), intensity, gen)
     if task.kind == TaskKind.segmentation:
         targets = apply_affine(targets[:, None].float(), theta, mode="nearest")[:, 0].long()
     elif task.kind == TaskKind.landmarks:
