@@ -190,6 +190,24 @@ def predict(
                     + (f"; skipped {skipped}" if skipped else ""), highlight=False, soft_wrap=True)
 
 
+@app.command("export-onnx")
+def export_onnx_command(
+    task: Annotated[str, typer.Option("--task", help="Task name (the bundle must hold it)")],
+    model: Annotated[Path, typer.Option("--model", help="Bundle with tasks/<task>.safetensors")],
+    out: Annotated[Path, typer.Option("--out", help="The .onnx file to write")],
+) -> None:
+    """Export a fine-tuned task model as ONNX, checked against PyTorch with onnxruntime."""
+    from rich.console import Console
+
+    from client.export import export_onnx
+
+    with user_errors(), _task_errors():
+        result = export_onnx(task, model, out)
+    Console().print(f"{task}: written to {result.path} (input {list(result.input_shape)}, "
+                    f"dynamic batch); onnxruntime vs PyTorch max abs difference "
+                    f"{result.max_abs_difference:.2e}", highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def _task_errors() -> Iterator[None]:
     """Unknown tasks and stores without labels for the task: one line, exit 2."""

@@ -144,3 +144,20 @@ def test_unet_refuses_classification_tasks(tmp_path: Path, labelled_store: Path)
     cfg = load_config(None, ["tasks.arch=unet", "tasks.steps=1", "device=cpu"])
     with pytest.raises(ValueError, match="tasks.arch=unet serves per-pixel tasks"):
         finetune_on_store("lge_pathology", None, labelled_store, tmp_path / "x", cfg)
+
+
+@pytest.mark.parametrize("task", ["sax_seg", "lge_pathology"])
+def test_export_onnx_matches_pytorch(tmp_path: Path, labelled_store: Path, base_bundle: Path,
+                                     task: str) -> None:
+    from typer.testing import CliRunner
+
+    from client.cli import app
+    from client.export import export_onnx
+
+    cfg = load_config("demo-cpu", ["tasks.steps=1", "tasks.batch_size=2", "device=cpu"])
+    finetune_on_store(task, base_bundle, labelled_store, tmp_path / "ft", cfg)
+    result = export_onnx(task, tmp_path / "ft", tmp_path / "model.onnx")
+    assert result.max_abs_difference < 1e-4 and result.path.stat().st_size > 10_000
+    cli = CliRunner().invoke(app, ["export-onnx", "--task", task, "--model", str(tmp_path / "ft"),
+                                   "--out", str(tmp_path / "cli.onnx")])
+    assert cli.exit_code == 0 and "max abs difference" in cli.output, cli.output
