@@ -4,6 +4,8 @@ Layout::
 
     BUNDLE/config.yaml                 the resolved config the model was trained with
     BUNDLE/encoder.safetensors         the foundation encoder (plain timm keys)
+    BUNDLE/decoder.safetensors         (dense-MAE pretraining) the pretrained dense decoder that
+                                       segmentation and landmark heads start from
     BUNDLE/tasks/<task>.safetensors    a fine-tuned task model: its head (``head.*``) and the
                                        encoder as fine-tuned for that task (``encoder.*``)
     BUNDLE/model_card.md               (released bundles) what it is and how it was made
@@ -41,6 +43,8 @@ from shared_model.weights import (
 )
 
 ENCODER_FILE = "encoder.safetensors"
+# The pretrained dense decoder (MAE with ssl.mae.decoder=dense): dense task heads start from it
+DECODER_FILE = "decoder.safetensors"
 TASKS_DIR = "tasks"
 METRICS_FILE = "metrics.json"
 
@@ -55,6 +59,7 @@ class Bundle:
     config: FedCMRConfig
     encoder: dict[str, torch.Tensor]
     tasks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    decoder: dict[str, torch.Tensor] = field(default_factory=dict)  # pretrained dense decoder
 
     def has_task(self, task: str) -> bool:
         return task in self.tasks
@@ -72,9 +77,10 @@ def load_bundle(path: str | Path) -> Bundle:
         no_encoder = cfg.tasks.arch == TaskArch.unet and not (root / ENCODER_FILE).exists()
         encoder = {} if no_encoder else load_safetensors(root / ENCODER_FILE)[0]
         tasks = {p.stem: load_safetensors(p)[0] for p in sorted((root / TASKS_DIR).glob("*.safetensors"))}
+        decoder = load_safetensors(root / DECODER_FILE)[0] if (root / DECODER_FILE).exists() else {}
     except WeightsError as exc:
         raise BundleError(str(exc)) from exc
-    return Bundle(root=root, config=cfg, encoder=encoder, tasks=tasks)
+    return Bundle(root=root, config=cfg, encoder=encoder, tasks=tasks, decoder=decoder)
 
 
 def task_model_for(cfg: FedCMRConfig, task: Task, bundle: Bundle | None) -> torch.nn.Module:
@@ -84,7 +90,7 @@ def task_model_for(cfg: FedCMRConfig, task: Task, bundle: Bundle | None) -> torc
         return build_unet(task)
     if bundle is None:
         raise BundleError("tasks.arch=fm needs a foundation-model bundle")
-    if bundle.has_task(task.name):  # continue from the bundle's own head: its width
+    if bundle.has_task(task.name) or bundle.decoder:  # its own head or pretrained decoder
         cfg.tasks.decoder_width = bundle.config.tasks.decoder_width
     return task_model_from_bundle(bundle, task, decoder_width=cfg.tasks.decoder_width)
 
@@ -107,6 +113,8 @@ def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = Fals
         raise BundleError(f"{exc}; the bundle's config names preset "
                           f"'{bundle.config.model.preset}'") from exc
     model = build_task_model(task, encoder, decoder_width or bundle.config.tasks.decoder_width)
+    if task.name not in bundle.tasks and bundle.decoder and hasattr(model, "head"):
+        start_from_decoder(model, bundle)
     if task.name in bundle.tasks:
         load_into(model, bundle.tasks[task.name], source=f"task model '{task.name}'")
     elif require_head:
@@ -114,6 +122,17 @@ def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = Fals
                           f"{', '.join(bundle.tasks) or 'none'}); fine-tune it first with "
                           f"`fedcmr-client finetune --task {task.name}`")
     return model
+
+
+def start_from_decoder(model: torch.nn.Module, bundle: Bundle) -> int:
+    """A dense task head from the bundle's pretrained decoder: every weight whose name and
+    shape match (all but the output layer, whose classes are the task's). Returns how many."""
+    head = model.head  # type: ignore[attr-defined]
+    own = head.state_dict()
+    matching = {k: v for k, v in bundle.decoder.items() if k in own and own[k].shape == v.shape}
+    if matching:
+        head.load_state_dict({**own, **matching})
+    return len(matching)
 
 
 def save_encoder(path: Path, encoder_state: dict[str, torch.Tensor], cfg: FedCMRConfig) -> Path:
@@ -144,6 +163,8 @@ def save_task_bundle(out: str | Path, cfg: FedCMRConfig, task: Task, model: torc
         select_prefix(state, "encoder.") if has_encoder else {})
     if foundation:  # a supervised U-Net has no foundation encoder to keep
         save_encoder(out / ENCODER_FILE, foundation, cfg)
+    if base is not None and base.decoder:
+        save_safetensors(out / DECODER_FILE, base.decoder, metadata={"part": "dense decoder"})
     if base is not None:
         for name, other in base.tasks.items():
             if name != task.name:

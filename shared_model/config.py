@@ -92,12 +92,25 @@ class ModelConfig:
     drop_path_rate: float = 0.0
 
 
+class MAEDecoderKind(str, Enum):
+    """What reconstructs the hidden patches in MAE pretraining."""
+
+    # He et al.: a light transformer on the visible tokens plus mask tokens; it is dropped
+    # after pretraining and the encoder alone is released
+    transformer = "transformer"
+    # The dense tasks' own decoder (stem skips + token maps -> pixels, as in SparK / ConvMAE):
+    # the whole segmentation network learns to inpaint, and the decoder is released with the
+    # encoder. The encoder then sees every token (hidden patches as zeros).
+    dense = "dense"
+
+
 @dataclass
 class MAEConfig:
-    """Masked autoencoder (He et al. 2022): masking ratio and the light pixel decoder."""
+    """Masked autoencoder (He et al. 2022): masking ratio and the pixel decoder."""
 
     mask_ratio: float = 0.75
-    decoder_dim: int = 128
+    decoder: MAEDecoderKind = MAEDecoderKind.transformer
+    decoder_dim: int = 128  # transformer decoder
     decoder_depth: int = 2
     decoder_heads: int = 4
     norm_pix_loss: bool = True  # target = per-patch normalised pixels

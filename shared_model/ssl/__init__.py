@@ -11,8 +11,11 @@ def build_ssl_model(cfg: FedCMRConfig) -> SSLModel:
     """The configured method around a freshly initialised encoder."""
     encoder = build_encoder(cfg.model.preset, drop_path_rate=cfg.model.drop_path_rate)
     if cfg.ssl.method == SSLMethod.mae:
-        from shared_model.ssl.mae import MAE
+        from shared_model.config import MAEDecoderKind
+        from shared_model.ssl.mae import MAE, DenseMAE
 
+        if cfg.ssl.mae.decoder == MAEDecoderKind.dense:
+            return DenseMAE(encoder, cfg.ssl.mae, cfg.tasks.decoder_width)
         return MAE(encoder, cfg.ssl.mae)
     if cfg.ssl.method == SSLMethod.dino:
         from shared_model.ssl.dino import DINO

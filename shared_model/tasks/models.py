@@ -151,6 +151,7 @@ class DensePredictor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         taps = self.encoder(images)  # (B, T, N, D)
+        self.last_tokens = taps[:, -1].detach()  # health signals of pretraining read these
         b, t, n, d = taps.shape
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         maps = taps.permute(1, 0, 3, 2).reshape(t, b, d, h, w)

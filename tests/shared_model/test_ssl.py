@@ -138,3 +138,34 @@ def test_paper_preset_builds_and_runs_one_step() -> None:
                             device=torch.device("cpu"), base_lr=1e-4)
     assert math.isfinite(result.loss_last)
     assert sum(p.numel() for p in model.encoder.parameters()) > 21_000_000
+
+
+def test_dense_mae_pretrains_the_decoder_that_segmentation_starts_from(tmp_path) -> None:
+    from shared_model.bundle import DECODER_FILE, load_bundle, save_encoder, task_model_from_bundle
+    from shared_model.config import load_config, save_resolved_config
+    from shared_model.ssl import build_ssl_model
+    from shared_model.tasks import get_task
+    from shared_model.weights import save_safetensors, select_prefix
+
+    # Prepare: a dense-MAE model after one step, written as a release bundle
+    cfg = load_config(None, ["model.preset=hybrid-tiny-p8-96", "ssl.mae.decoder=dense",
+                             "tasks.decoder_width=8"])
+    torch.manual_seed(0)
+    model = build_ssl_model(cfg)
+    loss, stats = model.training_step(torch.rand(4, 1, 96, 96), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and {"embed_std", "rankme"} <= set(stats)
+    state = model.state_dict()
+    save_resolved_config(cfg, tmp_path)
+    save_encoder(tmp_path / "encoder.safetensors", select_prefix(state, "encoder."), cfg)
+    save_safetensors(tmp_path / DECODER_FILE, select_prefix(state, "head."))
+
+    # Execute
+    seg = task_model_from_bundle(load_bundle(tmp_path), get_task("sax_seg"))
+
+    # Assert: every decoder weight but the output layer comes from pretraining
+    head = seg.head.state_dict()
+    pretrained = select_prefix(state, "head.")
+    shared = [k for k in head if not k.startswith("out.")]
+    assert shared and all(torch.equal(head[k], pretrained[k]) for k in shared)
+    assert head["out.weight"].shape[0] == 4 and pretrained["out.weight"].shape[0] == 1
