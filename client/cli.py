@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from shared_model.cli_common import console as error_console
-from shared_model.cli_common import load_cli_config, print_config, print_presets, user_errors
+from shared_model.cli_edge import Overrides, add_config_commands, load_cli_config, user_errors
 
 app = typer.Typer(help="FedCMR hospital node: local data, federation, local fine-tuning.",
                   no_args_is_help=True, add_completion=False)
-
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as key=value")]
-
-
-@app.command("config")
-def show_config(config: Annotated[str, typer.Argument(help="Preset name or YAML path")] = "demo-cpu",
-                overrides: Overrides = None) -> None:
-    """Print the resolved config (preset + overrides), or the error that stops it."""
-    with user_errors():
-        print_config(load_cli_config(config, overrides))
-
-
-@app.command()
-def presets() -> None:
-    """List the encoder presets and their timm names."""
-    print_presets()
+add_config_commands(app)
 
 
 _INGEST_HELP = (
@@ -68,7 +49,7 @@ def ingest(
     if source_format not in FORMATS:
         raise typer.BadParameter(f"'{source_format}' is not one of {', '.join(FORMATS)}",
                                  param_hint="--format")
-    with user_errors(), _intake_errors():
+    with user_errors():
         cfg = load_cli_config(config, overrides)
         options = IngestOptions(src=src, store=out, spacing_mm=cfg.data.spacing_mm,
                                 crop_px=cfg.data.crop_px, labels=labels, workers=workers,
@@ -102,7 +83,7 @@ def finetune(
 
     from client.finetune import finetune_on_store
 
-    with user_errors(), _task_errors():
+    with user_errors():
         cfg = load_cli_config(config, overrides)
         report = finetune_on_store(task, model, store, out, cfg, label_budget, test_fraction)
     console = Console()
@@ -129,34 +110,10 @@ def predict(
 
     from client.finetune import predict_on_store
 
-    with user_errors(), _task_errors():
+    with user_errors():
         counts = predict_on_store(task, model, store, out, device)
     Console().print(f"{task}: {counts['series']} series predicted; written to {out}",
                     highlight=False, soft_wrap=True)
-
-
-@contextlib.contextmanager
-def _task_errors() -> Iterator[None]:
-    """Unknown tasks and stores without labels for the task: one line, exit 2."""
-    try:
-        yield
-    except (KeyError, ValueError) as exc:
-        message = exc.args[0] if exc.args else str(exc)
-        error_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-
-
-@contextlib.contextmanager
-def _intake_errors() -> Iterator[None]:
-    """Argument problems the intake finds (source inside the store, damaged label CSV): exit 2."""
-    from client.intake.label_files import LabelFileError
-    from client.intake.pipeline import IntakeError
-
-    try:
-        yield
-    except (IntakeError, LabelFileError) as exc:
-        error_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
-        sys.exit(2)
 
 
 def main() -> None:

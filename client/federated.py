@@ -41,7 +41,7 @@ from shared_model.encoders import build_encoder, get_preset
 from shared_model.finetune import evaluate, finetune
 from shared_model.privacy import DPSettings, PrivacyError, epsilon_for, make_private
 from shared_model.ssl import build_ssl_model, federated_keys
-from shared_model.tasks import Task, TaskData, get_task
+from shared_model.tasks import Task, TaskData, TaskDataError, get_task
 from shared_model.tasks.models import build_task_model
 from shared_model.train import Span, derive_seed, make_generator, make_optimizer, pretrain_local, resolve_device
 from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays, strip_opacus
@@ -113,7 +113,7 @@ def ssl_frames(store: LocalStore, size: int, exclude: list[str]) -> torch.Tensor
     frames = [store.load(key).reshape(-1, store.manifest.crop_px, store.manifest.crop_px)
               for key, record in sorted(store.manifest.series.items()) if record.subject not in exclude]
     if not frames:
-        raise ValueError("no unlabelled frames left for pretraining after the hold-out")
+        raise TaskDataError("no unlabelled frames left for pretraining after the hold-out")
     return resize_frames(np.concatenate(frames), size)
 
 
@@ -231,7 +231,7 @@ class FedCMRClient(NumPyClient):
         data = task.build(series_from_store(store, task_series(store, task)),
                           get_preset(plan.model.preset).image_size)
         if len(data) == 0:
-            raise ValueError(f"this node has no labelled samples for task '{task.name}'")
+            raise TaskDataError(f"this node has no labelled samples for task '{task.name}'")
         return split_task_data(data, plan, store_holdout(store, plan))
 
     def _task_model(self, parameters: list[np.ndarray], plan: FedCMRConfig, task: Task) -> torch.nn.Module:

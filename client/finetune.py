@@ -29,7 +29,7 @@ from shared_model.files import atomic_write_bytes, atomic_write_text
 from shared_model.finetune import evaluate, finetune, predict_all
 from shared_model.labels import parse_frame_key
 from shared_model.privacy import DPSettings
-from shared_model.tasks import SeriesData, Task, TaskKind, get_task
+from shared_model.tasks import SeriesData, Task, TaskDataError, TaskKind, get_task
 from shared_model.train import CheckpointPolicy, make_generator, resolve_device
 
 
@@ -54,7 +54,7 @@ def held_out(subjects: Sequence[str], test_fraction: float, split_seed: int) -> 
     """The subjects kept for evaluation only: never pretrained on, never fine-tuned on."""
     unique = sorted(set(subjects))
     if len(unique) < 2:
-        raise ValueError(f"need data from at least 2 subjects to hold one out for testing; "
+        raise TaskDataError(f"need data from at least 2 subjects to hold one out for testing; "
                          f"there are {len(unique)}")
     order = [unique[i] for i in torch.randperm(len(unique), generator=make_generator(split_seed, "holdout")).tolist()]
     n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
@@ -97,7 +97,7 @@ def finetune_on_store(task_name: str, bundle_path: Path, store_path: Path, out: 
     size = _input_size(bundle)
     data = task.build(series_from_store(store), size)
     if len(data) == 0:
-        raise ValueError(f"{store_path}: no labelled samples for task '{task_name}'; "
+        raise TaskDataError(f"{store_path}: no labelled samples for task '{task_name}'; "
                          "ingest with --labels or use another task")
     train_ids, test_ids = split_subjects(data.subjects, label_budget, test_fraction, cfg.seed,
                                          cfg.tasks.split_seed)

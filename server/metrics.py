@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
 
 METRICS_JSON = "metrics.json"
@@ -106,7 +107,7 @@ class MetricsLog:
         return buffer.getvalue()
 
 
-class RunFileError(ValueError):
+class RunFileError(UserError, ValueError):
     """A file of a run folder (metrics.json, status.json) that cannot be read; names the file."""
 
 

@@ -27,6 +27,7 @@ from shared_model.config import (
     save_resolved_config,
 )
 from shared_model.encoders import build_encoder, get_preset
+from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
 from shared_model.tasks import Task
 from shared_model.tasks.models import build_task_model
@@ -43,7 +44,7 @@ TASKS_DIR = "tasks"
 METRICS_FILE = "metrics.json"
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle folder that is missing pieces or does not fit; the message says which."""
 
 

@@ -18,11 +18,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from shared_model.errors import UserError
+
 CONFIG_DIR_ENV = "FEDCMR_CONFIG_DIR"
 RESOLVED_CONFIG_NAME = "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; the message names the key and the source."""
 
 

@@ -23,7 +23,7 @@ from shared_model.augment import (
 )
 from shared_model.config import FinetuneMode, TasksConfig
 from shared_model.privacy import DPSettings, PrivacyError, make_private
-from shared_model.tasks.base import Task, TaskData, TaskKind
+from shared_model.tasks.base import Task, TaskData, TaskDataError, TaskKind
 from shared_model.tasks.scoring import predict, task_loss, task_metrics
 from shared_model.train import (
     CheckpointPolicy,
@@ -97,7 +97,7 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
              checkpoint: CheckpointPolicy | None = None, proximal_mu: float = 0.0) -> FinetuneResult:
     """Train ``model`` (an encoder + head from shared_model.tasks.models) on ``data``."""
     if len(data) == 0:
-        raise ValueError(f"no labelled samples for task '{task.name}'")
+        raise TaskDataError(f"no labelled samples for task '{task.name}'")
     mode = settings.mode
     if dp is not None and mode == FinetuneMode.frozen_then_unfrozen:
         raise PrivacyError("DP-SGD fine-tuning supports tasks.mode=linear or full "

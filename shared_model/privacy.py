@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np
 import torch
 
-
+from shared_model.errors import UserError
 
 
 def _opacus():  # noqa: ANN202
@@ -35,7 +34,7 @@ def _opacus():  # noqa: ANN202
     return opacus
 
 
-class PrivacyError(ValueError):
+class PrivacyError(UserError, ValueError):
     """A model or setting DP-SGD cannot honour; the message says what to change."""
 
 

@@ -18,8 +18,13 @@ from pathlib import Path
 import torch
 
 from shared_model.checkpoint import CheckpointError, LoopState, load_loop_state, save_loop_state
+from shared_model.errors import UserError
 from shared_model.privacy import PrivateTraining
 from shared_model.ssl.base import SSLModel
+
+
+class DeviceError(UserError, RuntimeError):
+    """A device the config asks for that this machine does not have."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,7 +33,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' was requested but CUDA is not available; "
+        raise DeviceError(f"device '{name}' was requested but CUDA is not available; "
                            "set device=cpu or device=auto")
     return device
 

@@ -9,15 +9,13 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from shared_model.cli_common import load_cli_config, print_config, user_errors
+from shared_model.cli_edge import Overrides, add_config_commands, load_cli_config, user_errors
 from shared_model.config import ConfigError
 
 app = typer.Typer(help="Simulate FedCMR federations of virtual hospital sites.",
                   no_args_is_help=True, add_completion=False)
+add_config_commands(app)
 console = Console()
-
-Overrides = Annotated[Optional[list[str]], typer.Argument(
-    help="Config overrides as key=value, e.g. federation.rounds=3 sim.sites=3")]
 
 
 def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume: bool) -> None:
@@ -95,14 +93,6 @@ def federate(config: Annotated[str, typer.Argument(help="Preset name or YAML pat
         _federate(config, out, overrides, resume)
 
 
-@app.command("config")
-def show_config(config: Annotated[str, typer.Argument(help="Preset name or YAML path")] = "demo-cpu",
-                overrides: Overrides = None) -> None:
-    """Print the resolved config (preset + overrides), or the error that stops it."""
-    with user_errors():
-        print_config(load_cli_config(config, overrides))
-
-
 @app.command()
 def cohort(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the cohort into (DICOM "
@@ -132,8 +122,7 @@ def cohort(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from shared_model.cli_common import console as error_console
-    from sim.cohort import CohortError, plan_jobs, write_cohort
+    from sim.cohort import plan_jobs, write_cohort
     from sim.study import StudyOptions
 
     with user_errors():
@@ -152,14 +141,8 @@ def cohort(
                 progress.advance(task)
                 progress.refresh()  # no refresh thread: worker processes are forked
 
-            try:
-                summary = write_cohort(out, sites, subjects_per_site, seed, options,
-                                       workers=workers, overwrite=overwrite, on_subject=done)
-            except CohortError as exc:
-                progress.stop()
-                error_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True,
-                                    highlight=False)
-                raise typer.Exit(2) from None
+            summary = write_cohort(out, sites, subjects_per_site, seed, options,
+                                   workers=workers, overwrite=overwrite, on_subject=done)
         elapsed = time.perf_counter() - start
         console.print(f"cohort of {total} subjects ({frames} frames) written to {out} in "
                       f"{elapsed:.1f} s", soft_wrap=True, highlight=False)

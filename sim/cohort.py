@@ -76,6 +76,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from shared_model.errors import UserError
 from shared_model.labels import DISEASES
 from sim.dicom_export import (SeriesHeader, cohort_uid, plant_identity, series_description,
                               write_classic, write_enhanced)
@@ -89,7 +90,7 @@ SERIES_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID", "sequence", "view", "
 LANDMARK_COLUMNS = ("SOPInstanceUID", "frame", "landmark", "row", "col")
 
 
-class CohortError(ValueError):
+class CohortError(UserError, ValueError):
     """A cohort request that cannot be written as asked; the message says why."""
 
 

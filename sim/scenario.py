@@ -52,6 +52,7 @@ from shared_model.config import (
     with_overrides,
 )
 from shared_model.encoders import build_encoder, get_preset
+from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
 from shared_model.finetune import evaluate, finetune, predict_all
 from shared_model.ssl import build_ssl_model
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 
 
-class ScenarioError(RuntimeError):
+class ScenarioError(UserError, RuntimeError):
     """A scenario that cannot run as configured; the message says what to change."""
 
 

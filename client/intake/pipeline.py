@@ -36,6 +36,7 @@ from client.intake.store_writer import StoreWriter
 from client.intake.summary import IngestSummary
 from client.intake.workers import read_in_workers
 from client.store import LocalStore, SeriesRecord
+from shared_model.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ PROGRESS_FROM = 200  # show a progress bar from this many files on
 INDEX_SAVE_EVERY_S = 5.0
 
 
-class IntakeError(ValueError):
+class IntakeError(UserError, ValueError):
     """A problem with the ingest's arguments (not with the data); the message says what to do."""
 
 
