@@ -30,6 +30,7 @@ from client.store import LocalStore
 from server.metrics import read_records
 from shared_model.config import load_config
 from shared_model.encoders import build_encoder, get_preset
+from shared_model.phase_models import initial_ssl_model
 from shared_model.ssl import build_ssl_model, federated_keys
 from shared_model.train import Span, make_generator, make_optimizer, pretrain_local
 from shared_model.weights import state_dict_nbytes
@@ -69,8 +70,7 @@ def _one_site_loop(args: tuple[str, str, int]) -> float:
     torch.set_num_threads(1)
     cfg = config_from_yaml(config_yaml, "benchmark")
     images = LocalStore.open(store).unlabeled_frames(get_preset(cfg.model.preset).image_size)
-    torch.manual_seed(cfg.seed)
-    model = build_ssl_model(cfg)
+    model = initial_ssl_model(cfg)
     start = time.perf_counter()
     pretrain_local(model, images, steps=cfg.ssl.local_steps, batch_size=cfg.ssl.batch_size,
                    optimizer=make_optimizer(model, cfg.ssl.lr, cfg.ssl.weight_decay),

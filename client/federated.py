@@ -17,7 +17,24 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import NumPyClient
 
 from client.finetune import held_out, series_from_store
-from client.protocol import (
+from client.store import LocalStore
+from shared_model.config import (
+    FedCMRConfig,
+    HeadSharing,
+    PrivacyMode,
+    SSLMethod,
+    config_from_yaml,
+    secagg_enabled,
+)
+from shared_model.encoders import get_preset
+from shared_model.finetune import evaluate, finetune
+from shared_model.phase_models import initial_ssl_model, initial_task_model, task_keys
+from shared_model.privacy import DPSettings, PrivacyError, epsilon_for, make_private
+from shared_model.ssl import federated_keys
+from shared_model.tasks import Task, TaskData, TaskDataError, get_task
+from shared_model.train import Span, make_generator, make_optimizer, pretrain_local, resolve_device
+from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays, strip_opacus
+from shared_model.wire import (
     FINETUNE,
     PHASE_KEY,
     PLAN_KEY,
@@ -28,23 +45,6 @@ from client.protocol import (
     TASK_KEY,
     outgoing_metrics,
 )
-from client.store import LocalStore
-from shared_model.config import (
-    FedCMRConfig,
-    HeadSharing,
-    PrivacyMode,
-    SSLMethod,
-    config_from_yaml,
-    secagg_enabled,
-)
-from shared_model.encoders import build_encoder, get_preset
-from shared_model.finetune import evaluate, finetune
-from shared_model.privacy import DPSettings, PrivacyError, epsilon_for, make_private
-from shared_model.ssl import build_ssl_model, federated_keys
-from shared_model.tasks import Task, TaskData, TaskDataError, get_task
-from shared_model.tasks.models import build_task_model
-from shared_model.train import Span, derive_seed, make_generator, make_optimizer, pretrain_local, resolve_device
-from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays, strip_opacus
 
 STATE_TEACHER = "fedcmr.dino_teacher"
 STATE_HEAD = "fedcmr.head."
@@ -61,18 +61,6 @@ def plan_from_config(config: dict[str, object]) -> FedCMRConfig:
     if not isinstance(text, str):
         raise ValueError(f"instruction carries no '{PLAN_KEY}'; is the server a FedCMR server?")
     return config_from_yaml(text, source="server plan")
-
-
-def task_keys(model: torch.nn.Module, plan: FedCMRConfig) -> list[str]:
-    """Federated keys of a task model: the encoder, and the head unless heads stay local."""
-    prefixes = ("encoder.",) if plan.federation.heads == HeadSharing.local else ("encoder.", "head.")
-    return [k for k in model.state_dict() if k.startswith(prefixes)]
-
-
-def initial_task_model(plan: FedCMRConfig, task: Task) -> torch.nn.Module:
-    """The seeded task model both server and nodes start a fine-tuning phase from."""
-    torch.manual_seed(derive_seed(plan.seed, "head", task.name) % (2**31))
-    return build_task_model(task, build_encoder(plan.model.preset), plan.tasks.decoder_width)
 
 
 def task_series(store: LocalStore, task: Task) -> list[str]:
@@ -157,8 +145,7 @@ class FedCMRClient(NumPyClient):
 
     def _pretrain(self, parameters: list[np.ndarray], plan: FedCMRConfig, span: Span,
                   gen: torch.Generator, mu: float) -> tuple[list[np.ndarray], int, dict]:
-        torch.manual_seed(plan.seed)  # the server's initial weights, for whatever stays local
-        model = build_ssl_model(plan)
+        model = initial_ssl_model(plan)  # the server's initial weights, for whatever stays local
         local_head = plan.federation.ssl_head == HeadSharing.local
         keys = federated_keys(model, local_head)
         load_into(model, {**model.state_dict(), **arrays_to_state_dict(parameters, keys, model.state_dict())},

@@ -22,8 +22,6 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from client.federated import initial_task_model, task_keys
-from client.protocol import FINETUNE, PRETRAIN
 from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
 from server.ledger import PrivacyLedger
 from server.metrics import MetricsLog, weighted_mean
@@ -42,7 +40,8 @@ from shared_model.config import (
     with_overrides,
 )
 from shared_model.files import atomic_write_text
-from shared_model.ssl import build_ssl_model, federated_keys
+from shared_model.phase_models import initial_ssl_model, initial_task_model, task_keys
+from shared_model.ssl import federated_keys
 from shared_model.tasks import get_task
 from shared_model.weights import (
     arrays_to_state_dict,
@@ -51,6 +50,7 @@ from shared_model.weights import (
     select_prefix,
     state_dict_to_arrays,
 )
+from shared_model.wire import FINETUNE, PRETRAIN
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ def _finish(run_dir: Path, outcome: Outcome) -> Outcome:
 def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple[torch.nn.Module, list[str]]:
     """The model a phase trains, at its starting point, and its federated keys."""
     if spec.name == PRETRAIN:
-        torch.manual_seed(cfg.seed)
-        model = build_ssl_model(cfg)
+        model = initial_ssl_model(cfg)
         return model, federated_keys(model, cfg.federation.ssl_head == HeadSharing.local)
     model = initial_task_model(cfg, get_task(spec.task))
     if spec.init_encoder:

@@ -36,7 +36,12 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, Strategy
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.protocol import (
+from server.aggregators import set_current
+from server.ledger import LedgerEntry, PrivacyLedger
+from server.metrics import RoundRecord
+from server.validation import UpdateBounds, update_problem
+from shared_model.config import FedCMRConfig, PrivacyMode, config_to_yaml, secagg_enabled
+from shared_model.wire import (
     PHASE_KEY,
     PLAN_KEY,
     ROUND_KEY,
@@ -45,11 +50,6 @@ from client.protocol import (
     TASK_KEY,
     outgoing_metrics,
 )
-from server.aggregators import set_current
-from server.ledger import LedgerEntry, PrivacyLedger
-from server.metrics import RoundRecord
-from server.validation import UpdateBounds, update_problem
-from shared_model.config import FedCMRConfig, PrivacyMode, config_to_yaml, secagg_enabled
 
 log = logging.getLogger(__name__)
 

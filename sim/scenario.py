@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from client.federated import (
-    initial_task_model,
     split_task_data,
     ssl_frames,
     store_holdout,
@@ -51,11 +50,11 @@ from shared_model.config import (
     save_resolved_config,
     with_overrides,
 )
-from shared_model.encoders import build_encoder, get_preset
+from shared_model.encoders import get_preset
 from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
 from shared_model.finetune import evaluate, finetune, predict_all
-from shared_model.ssl import build_ssl_model
+from shared_model.phase_models import initial_ssl_model, initial_task_model
 from shared_model.tasks import Task, TaskKind, get_task
 from shared_model.tasks.scoring import headline_metric
 from shared_model.train import Span, make_generator, make_optimizer, pretrain_local
@@ -197,8 +196,7 @@ def _curve_numbers(metrics: dict) -> dict:
 def _pretrain_alone(cfg: FedCMRConfig, images: torch.Tensor, steps_per_round: int, arm: str,
                     site: str, path: Path) -> tuple[Path, list[dict]]:
     """Plain (non-federated) pretraining with the federated schedule: rounds x steps."""
-    torch.manual_seed(cfg.seed)
-    model = build_ssl_model(cfg)
+    model = initial_ssl_model(cfg)
     optimizer = make_optimizer(model, cfg.ssl.lr, cfg.ssl.weight_decay)
     rounds = cfg.federation.rounds
     curves = []
@@ -283,9 +281,9 @@ def parallel_map(fn, jobs: list, workers: int = 2, label: str = "") -> list:  # 
 
 
 def scratch_arm(cfg: FedCMRConfig, out: Path) -> ArmResult:
-    torch.manual_seed(cfg.seed)
+    """No pretraining: the encoder every pretraining arm starts from."""
     path = save_safetensors(out / "arms" / "scratch" / "encoder.safetensors",
-                            build_encoder(cfg.model.preset).state_dict())
+                            initial_ssl_model(cfg).encoder.state_dict())
     return ArmResult("scratch", {"kind": "scratch", "method": None, "secagg": False,
                                  "dp_mode": "none", "epsilon": None, "teacher": None,
                                  "rounds": 0, "seconds": 0.0}, {"all": path})

@@ -1,4 +1,5 @@
-"""What server and nodes say to each other beyond the weights, and what a node may say back.
+"""The wire contract: what server and nodes say to each other beyond the weights, and what a
+node may say back. Both sides import it from here; it is plain data (no flwr, no torch).
 
 Server -> node (fit/evaluate config): the resolved run config as YAML (the *plan*), the phase,
 the task, the global round and the share of the whole run a round covers.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 PLAN_KEY = "plan"
-PHASE_KEY = "phase"  # "pretrain" | "finetune"
+PHASE_KEY = "phase"  # PRETRAIN | FINETUNE
 TASK_KEY = "task"
 ROUND_KEY = "round"  # global round number, all phases
 SPAN_START_KEY = "span_start"  # fraction of the phase done before this round
