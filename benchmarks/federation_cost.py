@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from client.node_settings import simulated_site_store
 from client.store import LocalStore
 from server.metrics import read_records
 from shared_model.config import load_config
@@ -85,7 +86,7 @@ def plain_loop_seconds(cfg, sites_root: Path, sites: int, repeats: int = 2) -> f
 
     from shared_model.config import config_to_yaml
 
-    jobs = [(config_to_yaml(cfg), str(sites_root / f"site-{i}" / "store"), i) for i in range(sites)]
+    jobs = [(config_to_yaml(cfg), str(simulated_site_store(sites_root, i)), i) for i in range(sites)]
     context = multiprocessing.get_context("spawn")
     best = float("inf")
     for _ in range(repeats):
@@ -125,7 +126,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedcmr-bench-"))
     sites_root = work / "sites"
     for index in range(SITES):
-        write_site_frames(sites_root / f"site-{index}" / "store", site_spec(index, 1.5, 128), 96, seed=0)
+        write_site_frames(simulated_site_store(sites_root, index), site_spec(index, 1.5, 128), 96, seed=0)
     results = {secagg: measure(work, sites_root, secagg, args) for secagg in (False, True)}
     cfg = results[False]["cfg"]
     reference = plain_loop_seconds(cfg, sites_root, SITES)

@@ -21,13 +21,14 @@ import psutil
 
 
 def _federate(sites: int, rounds: int, local_steps: int, work: str) -> None:
+    from client.node_settings import simulated_site_store
     from shared_model.config import load_config
     from sim.runner import run_federation
     from sim.sites import site_spec, write_site_frames
 
     root = Path(work)
     for index in range(sites):
-        write_site_frames(root / "sites" / f"site-{index}" / "store", site_spec(index, 1.5, 128), 16, seed=0)
+        write_site_frames(simulated_site_store(root / "sites", index), site_spec(index, 1.5, 128), 16, seed=0)
     cfg = load_config("demo-cpu", [f"federation.rounds={rounds}", "federation.finetune_rounds=0",
                                    f"ssl.local_steps={local_steps}", "ssl.batch_size=16",
                                    f"sim.sites={sites}", f"federation.min_sites={sites}",

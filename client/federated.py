@@ -94,6 +94,14 @@ def split_task_data(data: TaskData, plan: FedCMRConfig, holdout: list[str]) -> t
     return train, test
 
 
+def site_task_split(store: LocalStore, plan: FedCMRConfig, task: Task) -> tuple[TaskData, TaskData]:
+    """This node's (train, test) samples for a task: the series the task can use, split by
+    :func:`split_task_data` around the node's fixed hold-out (either may be empty)."""
+    data = task.build(series_from_store(store, task_series(store, task)),
+                      get_preset(plan.model.preset).image_size)
+    return split_task_data(data, plan, store_holdout(store, plan))
+
+
 def ssl_frames(store: LocalStore, size: int, exclude: list[str]) -> torch.Tensor:
     """Every frame of every series outside ``exclude`` as (N, 1, size, size) for pretraining."""
     from shared_model.tasks.base import resize_frames
@@ -214,12 +222,10 @@ class FedCMRClient(NumPyClient):
         return arrays, weight, outgoing_metrics({**metrics, "site_index": self.site_index})
 
     def _split(self, plan: FedCMRConfig, task: Task) -> tuple[TaskData, TaskData]:
-        store = LocalStore.open(self.store_path)
-        data = task.build(series_from_store(store, task_series(store, task)),
-                          get_preset(plan.model.preset).image_size)
-        if len(data) == 0:
+        train, test = site_task_split(LocalStore.open(self.store_path), plan, task)
+        if len(train) + len(test) == 0:
             raise TaskDataError(f"this node has no labelled samples for task '{task.name}'")
-        return split_task_data(data, plan, store_holdout(store, plan))
+        return train, test
 
     def _task_model(self, parameters: list[np.ndarray], plan: FedCMRConfig, task: Task) -> torch.nn.Module:
         model = initial_task_model(plan, task)

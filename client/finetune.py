@@ -1,8 +1,9 @@
 """Hospital-side fine-tuning and prediction with a FedCMR model bundle, on the node's store.
 
 ``finetune_on_store``: take a bundle (a release or a run folder), build the task's samples from
-the store, hold out whole subjects for testing, fine-tune, evaluate, and write a new bundle with
-the task head. ``predict_on_store``: run a bundle's task head over a store and write masks as
+the store, hold out whole subjects for testing, fine-tune and evaluate (``finetune_at_node``, the
+node's own fine-tuning session, which a simulated site's local fine-tuning runs too), and write a
+new bundle with the task head. ``predict_on_store``: run a bundle's task head over a store and write masks as
 NIfTI, landmarks and classes as JSON and CSV.
 """
 
@@ -26,10 +27,10 @@ from client.store import LocalStore
 from shared_model.bundle import Bundle, load_bundle, save_task_bundle, task_model_from_bundle
 from shared_model.config import FedCMRConfig
 from shared_model.files import atomic_write_bytes, atomic_write_text
-from shared_model.finetune import evaluate, finetune, predict_all
+from shared_model.finetune import FinetuneResult, evaluate, finetune, predict_all
 from shared_model.labels import parse_frame_key
 from shared_model.privacy import DPSettings
-from shared_model.tasks import SeriesData, Task, TaskDataError, TaskKind, get_task
+from shared_model.tasks import SeriesData, Task, TaskData, TaskDataError, TaskKind, get_task
 from shared_model.train import CheckpointPolicy, make_generator, resolve_device
 
 
@@ -86,6 +87,16 @@ class FinetuneReport:
     epsilon: float
 
 
+def finetune_at_node(model: torch.nn.Module, task: Task, train: TaskData, test: TaskData,
+                     cfg: FedCMRConfig, *, gen: torch.Generator, device: torch.device,
+                     dp: DPSettings | None = None,
+                     checkpoint: CheckpointPolicy | None = None) -> tuple[FinetuneResult, dict[str, float]]:
+    """A node's own fine-tuning session: train ``model`` on ``train`` (``cfg.tasks``), then
+    evaluate it on the held-out ``test`` subjects; returns the training result and the metrics."""
+    result = finetune(model, task, train, cfg.tasks, gen=gen, device=device, dp=dp, checkpoint=checkpoint)
+    return result, evaluate(model, task, test, device)
+
+
 def finetune_on_store(task_name: str, bundle_path: Path, store_path: Path, out: Path,
                       cfg: FedCMRConfig, label_budget: int = 0, test_fraction: float = 0.3,
                       resume: bool = True) -> FinetuneReport:
@@ -108,9 +119,9 @@ def finetune_on_store(task_name: str, bundle_path: Path, store_path: Path, out: 
     dp = _dp_settings(cfg)
     checkpoint = CheckpointPolicy(out / "checkpoint.safetensors", every=50,
                                   fingerprint=f"{task_name}/{cfg.seed}/{len(train)}") if resume else None
-    result = finetune(model, task, train, cfg.tasks, gen=make_generator(cfg.seed, "finetune", task_name),
-                      device=device, dp=dp, checkpoint=checkpoint)
-    metrics = evaluate(model, task, test, device)
+    result, metrics = finetune_at_node(model, task, train, test, cfg,
+                                       gen=make_generator(cfg.seed, "finetune", task_name),
+                                       device=device, dp=dp, checkpoint=checkpoint)
     summary = {"task": task_name, "train_subjects": len(train_ids), "test_subjects": len(test_ids),
                "train_samples": len(train), "test_samples": len(test), "metrics": metrics,
                "epsilon": result.epsilon, "delta": cfg.privacy.delta if dp else None,

@@ -14,14 +14,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared_model.config import FedCMRConfig
 
+if TYPE_CHECKING:
+    from flwr.app import Context
+
 log = logging.getLogger(__name__)
-
-
-def site_store(sites_root: Path, index: int) -> Path:
-    return sites_root / f"site-{index}" / "store"
 
 
 # Ray puts AF_UNIX sockets ~70 characters below its temp dir; the kernel allows 107 in all.
@@ -84,13 +84,13 @@ def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None 
     """
     from flwr.simulation import run_simulation
 
-    from client.app import NodeSettings, build_client_app
+    from client.app import build_client_app
+    from client.node_settings import NodeSettings, simulated_node_settings
     from server.app import STATUS_FILE, build_server_app
 
-    def settings_for(context) -> NodeSettings:  # noqa: ANN001 - flwr Context
-        index = int(context.node_config["partition-id"])
-        return NodeSettings(store=site_store(sites_root, index), device=cfg.device,
-                            site_index=index, threads=max(1, int(cfg.sim.cpus_per_site)))
+    def settings_for(context: Context) -> NodeSettings:
+        return simulated_node_settings(sites_root, int(context.node_config["partition-id"]),
+                                       device=cfg.device, threads=max(1, int(cfg.sim.cpus_per_site)))
 
     run_dir = Path(cfg.output.dir)
     backend_config = {

@@ -31,13 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.federated import (
-    split_task_data,
-    ssl_frames,
-    store_holdout,
-    task_series,
-)
-from client.finetune import series_from_store
+from client.federated import site_task_split, ssl_frames, store_holdout
+from client.finetune import finetune_at_node
+from client.node_settings import simulated_site_name, simulated_site_store
 from client.store import LocalStore
 from server.app import PhaseSpec
 from server.metrics import read_records
@@ -53,11 +49,11 @@ from shared_model.config import (
 from shared_model.encoders import get_preset
 from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
-from shared_model.finetune import evaluate, finetune, predict_all
+from shared_model.finetune import predict_all
 from shared_model.phase_models import initial_ssl_model, initial_task_model
-from shared_model.tasks import Task, TaskKind, get_task
+from shared_model.tasks import Task, TaskData, TaskKind, get_task
 from shared_model.tasks.scoring import headline_metric
-from shared_model.train import Span, make_generator, make_optimizer, pretrain_local
+from shared_model.train import Span, make_generator, make_optimizer, pretrain_local, resolve_device
 from shared_model.weights import load_safetensors, save_safetensors
 from sim.runner import run_federation
 
@@ -111,28 +107,24 @@ def prepare_sites(cfg: FedCMRConfig, out: Path) -> list[Site]:
                                       max_sax_slices=cfg.sim.max_sax_slices), workers=2)
         meta = json.loads((cohort / "cohort.json").read_text())["sites"]
         for i, entry in enumerate(meta):
-            store = out / "sites" / f"site-{i}" / "store"
+            store = simulated_site_store(out / "sites", i)
             ingest(IngestOptions(src=cohort / f"site-{i}" / "dicom", store=store,
                                  spacing_mm=cfg.data.spacing_mm, crop_px=cfg.data.crop_px,
                                  labels=cohort / f"site-{i}" / "labels", progress=False))
-            sites.append(Site(f"site-{i}", store, "synthetic", str(entry.get("vendor", "")),
+            sites.append(Site(simulated_site_name(i), store, "synthetic", str(entry.get("vendor", "")),
                               entry.get("field_strength_t"), int(entry.get("subjects", 0))))
     for j, entry in enumerate(cfg.sim.real_sites):
         fmt, _, rest = entry.partition(":")
         path, _, labels = rest.partition(":")
         index = len(sites)
-        store = out / "sites" / f"site-{index}" / "store"
+        store = simulated_site_store(out / "sites", index)
         ingest(IngestOptions(src=Path(path), store=store, spacing_mm=cfg.data.spacing_mm,
                              crop_px=cfg.data.crop_px, labels=Path(labels) if labels else None,
                              progress=False), fmt)
         subjects = len({r.subject for r in LocalStore.open(store).manifest.series.values()})
-        sites.append(Site(f"site-{index}", store, fmt if fmt != "dicom" else "folder",
+        sites.append(Site(simulated_site_name(index), store, fmt if fmt != "dicom" else "folder",
                           subjects=subjects))
     return sites
-
-
-def site_index(name: str) -> int:
-    return int(name.rsplit("-", 1)[1])
 
 
 # ---------------------------------------------------------------------------- pretraining
@@ -203,7 +195,7 @@ def _pretrain_alone(cfg: FedCMRConfig, images: torch.Tensor, steps_per_round: in
     for r in range(rounds):
         result = pretrain_local(model, images, steps=steps_per_round, batch_size=cfg.ssl.batch_size,
                                 optimizer=optimizer, gen=make_generator(cfg.seed, arm, site, r),
-                                device=torch.device("cpu"), base_lr=cfg.ssl.lr,
+                                device=resolve_device(cfg.device), base_lr=cfg.ssl.lr,
                                 span=Span(r / rounds, (r + 1) / rounds))
         curves.append({"arm": arm, "round": r + 1, "site": site, "loss": result.loss_mean,
                        **result.stats})
@@ -304,23 +296,20 @@ def _local_job(job: tuple) -> tuple[list[dict], list[dict]]:
     cfg = config_from_yaml(config_yaml, "scenario")
     task = get_task(task_name)
     store = LocalStore.open(Path(store_path))
-    data = task.build(series_from_store(store, task_series(store, task)),
-                      get_preset(cfg.model.preset).image_size)
-    plan = with_overrides(cfg, [f"seed={seed}", f"tasks.label_budget={budget}"])
-    train, test = split_task_data(data, plan, store_holdout(store, cfg))
+    steps = cfg.tasks.steps * max(1, cfg.federation.finetune_rounds)  # the federated compute
+    plan = with_overrides(cfg, [f"seed={seed}", f"tasks.label_budget={budget}", f"tasks.steps={steps}"])
+    train, test = site_task_split(store, plan, task)
     if len(train) == 0 or len(test) == 0:
         return [], []
-    steps = cfg.tasks.steps * max(1, cfg.federation.finetune_rounds)  # the federated compute
-    settings = with_overrides(cfg, [f"tasks.steps={steps}"]).tasks
+    device = resolve_device(cfg.device)
     rows, overlays = [], []
     for arm, encoder in encoders.items():
         model = _task_model(plan, task, Path(encoder))
-        finetune(model, task, train, settings, gen=make_generator(seed, "finetune", site, task_name),
-                 device=torch.device("cpu"))
-        rows.append(_row(arm, task, budget, seed, "local", site,
-                         evaluate(model, task, test, torch.device("cpu")), tuple(sorted(set(test.subjects)))))
+        _, metrics = finetune_at_node(model, task, train, test, plan, device=device,
+                                      gen=make_generator(seed, "finetune", site, task_name))
+        rows.append(_row(arm, task, budget, seed, "local", site, metrics, tuple(sorted(set(test.subjects)))))
         if arm == overlay_arm:
-            overlays += _overlay(model, task, test, Path(out), arm, site)
+            overlays += _overlay(model, task, test, Path(out), arm, site, device)
     return rows, overlays
 
 
@@ -357,11 +346,11 @@ def _row(arm: str, task: Task, budget: int, seed: int, mode: str, site: str, met
             "test_samples": int(metrics.get("samples", 0)), "test_subjects": list(test_subjects)}
 
 
-def _overlay(model: torch.nn.Module, task: Task, test, out: Path, arm: str,  # noqa: ANN001
-             site: str) -> list[dict]:
+def _overlay(model: torch.nn.Module, task: Task, test: TaskData, out: Path, arm: str, site: str,
+             device: torch.device) -> list[dict]:
     if task.kind not in (TaskKind.segmentation, TaskKind.landmarks):
         return []
-    pred = predict_all(model, task, test.inputs[:1], torch.device("cpu"))[0]
+    pred = predict_all(model, task, test.inputs[:1], device)[0]
     image = test.inputs[0, 0].numpy().clip(0, 1)
     path = out / "overlays" / f"{task.name}-{site}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)

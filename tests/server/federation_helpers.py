@@ -12,6 +12,7 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from client.node_settings import simulated_site_store
 from shared_model.config import FedCMRConfig, load_config
 from sim.runner import run_federation
 from sim.sites import site_spec, write_site_frames
@@ -23,7 +24,7 @@ TINY = ["ssl.local_steps=1", "ssl.batch_size=8", "ssl.mae.decoder_depth=1", "ssl
 
 def make_sites(root: Path, sites: int) -> Path:
     for index in range(sites):
-        write_site_frames(root / f"site-{index}" / "store", site_spec(index, 1.5, 128), 16, seed=0)
+        write_site_frames(simulated_site_store(root, index), site_spec(index, 1.5, 128), 16, seed=0)
     return root
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from client.node_settings import simulated_site_store
 from sim.sites import site_spec, write_site_frames
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def _stop_processes_mentioning(fragment: str) -> int:
 def test_flwr_run_uses_the_project_apps(tmp_path: Path) -> None:
     # Prepare: two site stores and a private Flower home.
     for index in range(2):
-        write_site_frames(tmp_path / "sites" / f"site-{index}" / "store",
+        write_site_frames(simulated_site_store(tmp_path / "sites", index),
                           site_spec(index, 1.5, 128), num_images=16, seed=0)
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
