@@ -28,7 +28,8 @@ import torch
 
 from client.node_settings import simulated_site_store
 from client.store import LocalStore
-from server.metrics import read_records
+from server.metrics import RecordKind, read_records
+from server.run_status import RunStatus
 from shared_model.config import load_config
 from shared_model.encoders import build_encoder, get_preset
 from shared_model.phase_models import initial_ssl_model
@@ -104,9 +105,9 @@ def measure(work: Path, sites_root: Path, secagg: bool, args: argparse.Namespace
                  f"federation.ssl_head={args.ssl_head}",
                  f"federation.secagg.mode={'always' if secagg else 'never'}"]
     cfg = load_config("demo-cpu", overrides)
-    status = run_federation(cfg, sites_root, extra_mods=[upload_counter(counts)])
-    assert status["status"] == "released", status
-    rounds = [r for r in read_records(out) if r["kind"] == "fit" and r["round"] > 1]
+    outcome = run_federation(cfg, sites_root, extra_mods=[upload_counter(counts)])
+    assert outcome.status == RunStatus.released, outcome
+    rounds = [r for r in read_records(out) if r["kind"] == RecordKind.fit and r["round"] > 1]
     uploads = [json.loads(line) for line in counts.read_text().splitlines()]
     per_site_round: dict[tuple[int, int], int] = {}
     for u in uploads:

@@ -22,6 +22,7 @@ import psutil
 
 def _federate(sites: int, rounds: int, local_steps: int, work: str) -> None:
     from client.node_settings import simulated_site_store
+    from server.run_status import RunStatus
     from shared_model.config import load_config
     from sim.runner import run_federation
     from sim.sites import site_spec, write_site_frames
@@ -34,9 +35,9 @@ def _federate(sites: int, rounds: int, local_steps: int, work: str) -> None:
                                    f"sim.sites={sites}", f"federation.min_sites={sites}",
                                    "federation.secagg.mode=never", "device=cpu",
                                    f"output.dir={root / 'run'}"])
-    status = run_federation(cfg, root / "sites")
-    if status["status"] != "released":
-        raise SystemExit(f"run ended {status}")
+    outcome = run_federation(cfg, root / "sites")
+    if outcome.status != RunStatus.released:
+        raise SystemExit(f"run ended {outcome.status}: {outcome.detail}")
 
 
 def _tree_memory(process: psutil.Process) -> int:

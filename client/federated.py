@@ -23,6 +23,7 @@ from shared_model.config import (
     HeadSharing,
     PrivacyMode,
     SSLMethod,
+    TeacherMode,
     config_from_yaml,
     secagg_enabled,
 )
@@ -249,7 +250,7 @@ class FedCMRClient(NumPyClient):
 
     def _restore_teacher(self, model: torch.nn.Module, plan: FedCMRConfig) -> None:
         """DINO local-EMA: continue this node's teacher; the first round starts it from the student."""
-        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher.value != "local_ema":
+        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher != TeacherMode.local_ema:
             return
         saved = self.context.state.array_records.get(STATE_TEACHER)
         if saved is None:
@@ -258,7 +259,7 @@ class FedCMRClient(NumPyClient):
             load_into(model, {**model.state_dict(), **saved.to_torch_state_dict()}, "local teacher")
 
     def _keep_teacher(self, model: torch.nn.Module, plan: FedCMRConfig) -> None:
-        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher.value != "local_ema":
+        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher != TeacherMode.local_ema:
             return
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()
                  if k.startswith("teacher.") or k == "center"}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from client.store import LocalStore
 from shared_model.bundle import Bundle, load_bundle, save_task_bundle, task_model_from_bundle
-from shared_model.config import FedCMRConfig
+from shared_model.config import FedCMRConfig, PrivacyMode
 from shared_model.files import atomic_write_bytes, atomic_write_text
 from shared_model.finetune import FinetuneResult, evaluate, finetune, predict_all
 from shared_model.labels import parse_frame_key
@@ -140,7 +140,7 @@ def _input_size(bundle: Bundle) -> int:
 
 
 def _dp_settings(cfg: FedCMRConfig) -> DPSettings | None:
-    if cfg.privacy.mode.value != "sample":
+    if cfg.privacy.mode != PrivacyMode.sample:
         return None
     p = cfg.privacy
     return DPSettings(p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant)

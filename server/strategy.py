@@ -38,7 +38,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from server.aggregators import set_current
 from server.ledger import LedgerEntry, PrivacyLedger
-from server.metrics import RoundRecord
+from server.metrics import RecordKind, RoundRecord, RoundStatus
 from server.validation import UpdateBounds, update_problem
 from shared_model.config import FedCMRConfig, PrivacyMode, config_to_yaml, secagg_enabled
 from shared_model.wire import (
@@ -159,13 +159,13 @@ class PhaseStrategy(Strategy):
             set_current(self.inner, arrays)
         self._account(server_round, valid)
         self.current = arrays
-        self._record(server_round, valid, excluded, dict(aggregate), "aggregated")
+        self._record(server_round, valid, excluded, dict(aggregate), RoundStatus.aggregated)
         self.halt = self.on_round(self._global_round(server_round), arrays)
         return ndarrays_to_parameters(arrays), aggregate
 
     def _skip(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]],
               excluded: dict[str, str]) -> tuple[None, dict[str, Scalar]]:
-        self._record(server_round, valid, excluded, {}, "skipped")
+        self._record(server_round, valid, excluded, {}, RoundStatus.skipped)
         self.halt = self.on_round(self._global_round(server_round), self.current)
         return None, {}
 
@@ -187,9 +187,9 @@ class PhaseStrategy(Strategy):
         sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, "loss": r.loss, **r.metrics}
                  for p, r in results}
         self.on_record(RoundRecord(
-            round=self._global_round(server_round), phase=self.phase.label, status="evaluated",
+            round=self._global_round(server_round), phase=self.phase.label, status=RoundStatus.evaluated,
             seconds=0.0, sites=sites, aggregate={**dict(aggregate), **({"loss": loss} if loss is not None else {})},
-            excluded={f"failure-{i}": _describe(f) for i, f in enumerate(failures)}, kind="evaluate"))
+            excluded={f"failure-{i}": _describe(f) for i, f in enumerate(failures)}, kind=RecordKind.evaluate))
         return loss, aggregate
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
@@ -266,12 +266,12 @@ class PhaseStrategy(Strategy):
                         float(res.metrics["dp_sample_rate"]), int(res.metrics["dp_steps"])))
 
     def _record(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]],
-                excluded: dict[str, str], aggregate: dict[str, Scalar], status: str) -> None:
+                excluded: dict[str, str], aggregate: dict[str, Scalar], status: RoundStatus) -> None:
         sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, **r.metrics} for p, r in valid}
         self.on_record(RoundRecord(
             round=self._global_round(server_round), phase=self.phase.label, status=status,
             seconds=time.perf_counter() - self._started, sites=sites, aggregate=aggregate,
-            excluded=excluded, kind="fit"))
+            excluded=excluded, kind=RecordKind.fit))
 
 
 def _keep_allowed_metrics(results: list[tuple[ClientProxy, FitRes | EvaluateRes]]) -> None:

@@ -20,6 +20,7 @@ console = Console()
 
 def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume: bool) -> None:
     from server.metrics import METRICS_CSV, METRICS_JSON
+    from server.run_status import RunStatus
     from shared_model.config import RESOLVED_CONFIG_NAME, with_overrides
     from sim.runner import run_federation
     from sim.scenario import prepare_sites
@@ -33,17 +34,17 @@ def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume
                           f"than the {len(sites)} simulated sites")
     cfg = with_overrides(cfg, [f"sim.sites={len(sites)}", "sim.real_sites=[]",
                                f"federation.min_sites={cfg.federation.min_sites or len(sites)}"])
-    status = run_federation(cfg, out / "sites")
+    outcome = run_federation(cfg, out / "sites")
     elapsed = time.perf_counter() - start
-    if status["status"] != "released":
-        console.print(f"federation {status['status']} after {elapsed:.0f} s: {status['detail']}",
+    if outcome.status != RunStatus.released:
+        console.print(f"federation {outcome.status} after {elapsed:.0f} s: {outcome.detail}",
                       soft_wrap=True, highlight=False)
-        if status["status"] == "stopped":
+        if outcome.status == RunStatus.stopped:
             raise typer.Exit(1)
         return
     console.print(f"federation finished in {elapsed:.0f} s; outputs:")
     for name, path in (("resolved config", out / RESOLVED_CONFIG_NAME),
-                       ("release (encoder, tasks, model card)", Path(status["detail"])),
+                       ("release (encoder, tasks, model card)", Path(outcome.detail)),
                        ("per-round metrics", out / METRICS_JSON),
                        ("per-round metrics, CSV", out / METRICS_CSV),
                        ("TensorBoard", out / "tensorboard")):

@@ -7,7 +7,6 @@ hospital runs; the ServerApp is the consortium's. Only the engine differs from a
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -20,6 +19,8 @@ from shared_model.config import FedCMRConfig
 
 if TYPE_CHECKING:
     from flwr.app import Context
+
+    from server.run_status import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,19 @@ def _environment(run_dir: Path, ray_dir: Path) -> Iterator[None]:
 
 
 def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None = None,
-                   phases: list | None = None, release: bool = True) -> dict:
+                   phases: list | None = None, release: bool = True) -> Outcome:
     """Federate ``cfg.sim.sites`` simulated nodes whose stores live under ``sites_root``.
 
-    Returns the run's status (``status.json``: released, paused or stopped, and why).
+    Returns how the run ended (its ``status.json``: released, finished, paused or stopped, and
+    why).
     ``extra_mods`` are added to every node's ClientApp (fault injection in tests).
     """
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
     from client.node_settings import NodeSettings, simulated_node_settings
-    from server.app import STATUS_FILE, build_server_app
+    from server.app import build_server_app
+    from server.run_status import read_outcome
 
     def settings_for(context: Context) -> NodeSettings:
         return simulated_node_settings(sites_root, int(context.node_config["partition-id"]),
@@ -106,10 +109,10 @@ def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None 
                            num_supernodes=cfg.sim.sites, backend_config=backend_config)
         finally:
             _stop_ray()
-    status = run_dir / STATUS_FILE
-    if not status.is_file():
+    outcome = read_outcome(run_dir)
+    if outcome is None:
         raise RuntimeError(f"the federation ended without a status; see the log above ({run_dir})")
-    return json.loads(status.read_text(encoding="utf-8"))
+    return outcome
 
 
 def _stop_ray() -> None:

@@ -36,11 +36,14 @@ from client.finetune import finetune_at_node
 from client.node_settings import simulated_site_name, simulated_site_store
 from client.store import LocalStore
 from server.app import PhaseSpec
-from server.metrics import read_records
+from server.metrics import RecordKind, read_records
+from server.run_status import RunStatus
 from shared_model.bundle import ENCODER_FILE
 from shared_model.config import (
     FedCMRConfig,
     FederatedArm,
+    PrivacyMode,
+    SSLMethod,
     config_from_yaml,
     config_to_yaml,
     save_resolved_config,
@@ -141,10 +144,10 @@ def federated_arm(cfg: FedCMRConfig, arm: FederatedArm, out: Path, sites: list[S
         f"federation.min_replies={min(cfg.federation.min_replies, n)}", f"sim.sites={n}",
         "sim.real_sites=[]"], f"arm {arm.name}")
     start = time.perf_counter()
-    status = run_federation(arm_cfg, out / "sites")
-    if status["status"] != "released":
-        raise ScenarioError(f"federated arm {arm.name} ended '{status['status']}': {status['detail']}")
-    records = [r for r in read_records(run_dir) if r["kind"] == "fit"]
+    outcome = run_federation(arm_cfg, out / "sites")
+    if outcome.status != RunStatus.released:
+        raise ScenarioError(f"federated arm {arm.name} ended '{outcome.status}': {outcome.detail}")
+    records = [r for r in read_records(run_dir) if r["kind"] == RecordKind.fit]
     curves = []
     for r in records:
         curves.append({"arm": arm.name, "round": r["round"], "site": "all",
@@ -153,7 +156,7 @@ def federated_arm(cfg: FedCMRConfig, arm: FederatedArm, out: Path, sites: list[S
                    for site, m in r["sites"].items()]
     info = {"kind": "federated", "method": arm.method.value, "secagg": _secagg_on(arm_cfg),
             "dp_mode": arm.privacy.value, "epsilon": _arm_epsilon(run_dir, arm_cfg),
-            "teacher": arm.teacher.value if arm.method.value == "dino" else None,
+            "teacher": arm.teacher.value if arm.method == SSLMethod.dino else None,
             "rounds": cfg.federation.rounds, "seconds": round(time.perf_counter() - start, 1),
             "images_seen": int(sum(m.get("images_seen", 0) for r in records for m in r["sites"].values()))}
     return ArmResult(arm.name, info, {"all": run_dir / "release" / ENCODER_FILE}, curves)
@@ -166,7 +169,7 @@ def _secagg_on(cfg: FedCMRConfig) -> bool:
 
 
 def _arm_epsilon(run_dir: Path, cfg: FedCMRConfig) -> float | None:
-    if cfg.privacy.mode.value == "none":
+    if cfg.privacy.mode == PrivacyMode.none:
         return None
     from server.ledger import PrivacyLedger
     from server.state import load_state
@@ -390,12 +393,12 @@ def federated_finetune(cfg: FedCMRConfig, arms: dict[str, ArmResult], sites: lis
     ft_cfg = with_overrides(cfg, [f"output.dir={run_dir}", f"federation.min_sites={n}",
                                   f"federation.min_replies={min(cfg.federation.min_replies, n)}",
                                   f"sim.sites={n}", "sim.real_sites=[]", "privacy.mode=none"])
-    status = run_federation(ft_cfg, out / "sites", phases=phases, release=False)
-    if status["status"] != "finished":
-        raise ScenarioError(f"federated fine-tuning ended '{status['status']}': {status['detail']}")
+    outcome = run_federation(ft_cfg, out / "sites", phases=phases, release=False)
+    if outcome.status != RunStatus.finished:
+        raise ScenarioError(f"federated fine-tuning ended '{outcome.status}': {outcome.detail}")
     last: dict[str, dict] = {}
     for record in read_records(run_dir):
-        if record["kind"] == "evaluate":
+        if record["kind"] == RecordKind.evaluate:
             last[record["phase"]] = record
     rows = []
     for label, record in last.items():

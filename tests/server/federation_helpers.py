@@ -13,6 +13,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from client.node_settings import simulated_site_store
+from server.run_status import Outcome
 from shared_model.config import FedCMRConfig, load_config
 from sim.runner import run_federation
 from sim.sites import site_spec, write_site_frames
@@ -29,7 +30,7 @@ def make_sites(root: Path, sites: int) -> Path:
 
 
 def federate(out: Path, sites_root: Path, sites: int, overrides: list[str],
-             extra_mods: list | None = None) -> tuple[FedCMRConfig, dict]:
+             extra_mods: list | None = None) -> tuple[FedCMRConfig, Outcome]:
     cfg = load_config("demo-cpu", [*TINY, f"sim.sites={sites}", f"federation.min_sites={sites}",
                                    f"output.dir={out}", *overrides])
     return cfg, run_federation(cfg, sites_root, extra_mods)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.metrics import read_records
+from server.run_status import RunStatus
 from server.state import load_state, weights_hash
 from shared_model.privacy import epsilon_for
 from shared_model.weights import load_safetensors
@@ -27,7 +28,7 @@ def test_secagg_and_plain_aggregation_agree(tmp_path: Path, sites3: Path) -> Non
     # Same sites, same seeds, one round: only the aggregation path differs.
     _, plain = federate(tmp_path / "plain", sites3, 3, ["federation.rounds=1", "federation.secagg.mode=never"])
     _, secure = federate(tmp_path / "secure", sites3, 3, ["federation.rounds=1", "federation.secagg.mode=always"])
-    assert plain["status"] == secure["status"] == "released"
+    assert plain.status == secure.status == RunStatus.released
     a, b = _encoder(tmp_path / "plain"), _encoder(tmp_path / "secure")
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     # SecAgg+'s quantisation bound: sites * step * max_weight / (sum of example weights),
@@ -41,7 +42,7 @@ def test_secagg_and_plain_aggregation_agree(tmp_path: Path, sites3: Path) -> Non
 def test_secagg_round_survives_a_dropped_site(tmp_path: Path, sites3: Path) -> None:
     _, status = federate(tmp_path / "run", sites3, 3, ["federation.rounds=1", "federation.secagg.mode=always"],
                          extra_mods=[drop_during_masking(site=2)])
-    assert status["status"] == "released"
+    assert status.status == RunStatus.released
     record = read_records(tmp_path / "run")[0]
     assert record["status"] == "aggregated" and set(record["sites"]) == {"site-0", "site-1"}
     assert all(torch.isfinite(v).all() for v in _encoder(tmp_path / "run").values())
@@ -53,7 +54,7 @@ def test_bad_updates_are_excluded(tmp_path: Path, sites3: Path) -> None:
               corrupt_reply(2, 3, lambda arrays: [a + 1e4 for a in arrays])]
     _, status = federate(tmp_path / "run", sites3, 3, ["federation.rounds=3", "federation.secagg.mode=never"],
                          extra_mods=faults)
-    assert status["status"] == "released"
+    assert status.status == RunStatus.released
     records = read_records(tmp_path / "run")
     assert [list(r["excluded"]) for r in records] == [["site-0"], ["site-1"], ["site-2"]]
     assert "non-finite" in records[0]["excluded"]["site-0"]
@@ -68,12 +69,12 @@ def test_resume_continues_from_the_same_weights_and_ledger(tmp_path: Path) -> No
     dp = ["privacy.mode=user", "privacy.noise_multiplier=2.0", "privacy.update_clip_norm=5.0",
           "federation.rounds=2"]
     cfg, paused = federate(tmp_path / "run", sites, 2, [*dp, "output.stop_after_round=1"])
-    assert paused["status"] == "paused" and not (tmp_path / "run" / "release").exists()
+    assert paused.status == RunStatus.paused and not (tmp_path / "run" / "release").exists()
     checkpoint = load_state(tmp_path / "run", cfg)
     assert checkpoint.global_round == 1
     saved_hash = weights_hash(checkpoint.phase_arrays)
     _, done = federate(tmp_path / "run", sites, 2, [*dp, "output.resume=true"])
-    assert done["status"] == "released"
+    assert done.status == RunStatus.released
     records = read_records(tmp_path / "run")
     assert [r["round"] for r in records] == [1, 2]
     # The resumed round 2 started from exactly the checkpointed weights ...
@@ -90,7 +91,7 @@ def test_budget_too_small_stops_before_release(tmp_path: Path) -> None:
     _, status = federate(tmp_path / "run", sites, 2, [
         "privacy.mode=user", "privacy.noise_multiplier=2.0", "federation.rounds=3",
         f"privacy.epsilon_budget={(one + two) / 2:.4f}"])  # room for one round, not two
-    assert status["status"] == "stopped" and "epsilon_budget" in status["detail"]
+    assert status.status == RunStatus.stopped and "epsilon_budget" in status.detail
     assert not (tmp_path / "run" / "release").exists()
     assert [r["round"] for r in read_records(tmp_path / "run")] == [1]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "stopped"

@@ -13,6 +13,7 @@ from client.app import NodePolicy, NodePolicyError, check_secagg_request
 from server import cli as server_cli
 from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
 from server.ledger import LedgerEntry, LedgerError, PrivacyLedger
+from server.metrics import RoundStatus
 from server.state import ResumeError, ServerState, load_state, save_state, weights_hash
 from server.strategy import PhaseInfo, PhaseStrategy
 from server.validation import UpdateBounds, update_problem
@@ -74,7 +75,7 @@ def test_strategy_excludes_bad_replies_and_keeps_a_finite_model() -> None:
     merged = parameters_to_ndarrays(params)
     assert np.allclose(merged[0], 1.0) and all(np.isfinite(a).all() for a in merged)
     assert set(records[-1].excluded) == {"site-1", "site-2", "site-3"}
-    assert records[-1].status == "aggregated" and rounds == [1]
+    assert records[-1].status == RoundStatus.aggregated and rounds == [1]
 
 
 def test_too_few_valid_replies_keep_the_global_model() -> None:
@@ -83,7 +84,7 @@ def test_too_few_valid_replies_keep_the_global_model() -> None:
     bad = [np.full((4, 3), np.nan, np.float32), np.ones(5, np.float32)]
     good = [np.full((4, 3), 0.5, np.float32), np.ones(5, np.float32)]
     params, _ = strategy.aggregate_fit(1, [(_Proxy(1), _fit_res(good, 0)), (_Proxy(2), _fit_res(bad, 1))], [])
-    assert params is None and records[-1].status == "skipped"
+    assert params is None and records[-1].status == RoundStatus.skipped
     assert all(np.array_equal(a, b) for a, b in zip(strategy.current, GLOBAL))
     assert rounds == [1]  # a skipped round is still checkpointed
 
