@@ -1,11 +1,13 @@
 """Server pieces without the engine: validation, ledger, checkpoint, node guard, strategy."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from typer.testing import CliRunner
 
@@ -259,3 +261,49 @@ def test_server_keeps_only_allow_listed_scalar_metrics_from_nodes() -> None:
                  {"loss_mean": 0.5, "site_index": 1, "PatientName": "Doe^John", "note": "x"})
     _keep_allowed_metrics([(None, res)])
     assert res.metrics == {"loss_mean": 0.5, "site_index": 1}
+
+
+class _OneReplyGrid:
+    """A grid on which only the first addressed site answers (the other stays silent)."""
+
+    def __init__(self, reply: Callable[[Message], Message]) -> None:
+        self.reply = reply
+
+    def send_and_receive(self, messages, timeout):  # noqa: ANN001, ANN201 - Grid's signature
+        return [self.reply(list(messages)[0])]
+
+
+@pytest.mark.parametrize("kind", ["fit", "evaluate"])
+def test_a_silent_site_counts_as_a_timeout_in_fit_and_evaluate_rounds(monkeypatch, kind: str) -> None:
+    # Prepare: two sites asked, one answers OK
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.app.message_type import MessageType
+    from flwr.common import EvaluateIns, EvaluateRes, FitIns
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.workflows import send_and_collect
+
+    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, field, value)
+    params = ndarrays_to_parameters(GLOBAL)
+    if kind == "fit":
+        ins, message_type = FitIns(params, {}), MessageType.TRAIN
+        to_content, from_content = (lambda i: compat.fitins_to_recorddict(i, True),
+                                    lambda c: compat.recorddict_to_fitres(c, False))
+        answer = compat.fitres_to_recorddict(_fit_res(GLOBAL, 0), True)
+    else:
+        ins, message_type = EvaluateIns(params, {}), MessageType.EVALUATE
+        to_content, from_content = (lambda i: compat.evaluateins_to_recorddict(i, True),
+                                    compat.recorddict_to_evaluateres)
+        answer = compat.evaluateres_to_recorddict(EvaluateRes(Status(Code.OK, ""), 0.5, 10, {}))
+    grid = _OneReplyGrid(lambda msg: Message(answer, reply_to=msg))
+
+    # Execute
+    results, failures = send_and_collect(grid, [(_Proxy(1), ins), (_Proxy(2), ins)], message_type,
+                                         server_round=1, timeout_s=5.0, to_content=to_content,
+                                         from_content=from_content)
+
+    # Assert: the answer is a result, the silent site one timeout failure
+    assert [proxy.node_id for proxy, _ in results] == [1]
+    assert [type(f).__name__ for f in failures] == ["TimeoutError"]
+    assert "no reply within 5 s" in str(failures[0])
