@@ -52,7 +52,8 @@ def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume
 
 
 def _scenario(preset: str | Path, out: Path, overrides: list[str] | None) -> None:
-    from sim.scenario import RESULTS_FILE, run_scenario
+    from sim.results import RESULTS_FILE
+    from sim.scenario import run_scenario
 
     cfg = load_cli_config(preset, overrides, out=out)
     start = time.perf_counter()
