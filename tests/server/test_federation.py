@@ -9,7 +9,8 @@ import torch
 
 from server.metrics import read_records
 from server.run_status import RunStatus
-from server.state import load_state, weights_hash
+from server.ledger import PrivacyLedger
+from server.state import load_state
 from shared_model.privacy import epsilon_for
 from shared_model.weights import load_safetensors
 from tests.server.federation_helpers import corrupt_reply, drop_during_masking, federate, make_sites
@@ -64,22 +65,50 @@ def test_bad_updates_are_excluded(tmp_path: Path, sites3: Path) -> None:
     assert all(torch.isfinite(v).all() for v in _encoder(tmp_path / "run").values())
 
 
-def test_resume_continues_from_the_same_weights_and_ledger(tmp_path: Path) -> None:
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    # Prepare: the same 2-round federation twice, once straight through, once paused after
+    # round 1 and resumed (no DP: its noise is drawn afresh, never predictable)
+    sites = make_sites(tmp_path / "sites", 2)
+    plain = ["federation.rounds=2", "federation.secagg.mode=never"]
+    _, straight = federate(tmp_path / "straight", sites, 2, plain)
+    cfg, paused = federate(tmp_path / "run", sites, 2, [*plain, "output.stop_after_round=1"])
+    assert paused.status == RunStatus.paused and not (tmp_path / "run" / "release").exists()
+    after_one = load_state(tmp_path / "run", cfg)
+
+    # Execute
+    _, resumed = federate(tmp_path / "run", sites, 2, [*plain, "output.resume=true"])
+
+    # Assert: round 2 ran once, from the checkpoint, and ends where the straight run ends ...
+    assert straight.status == resumed.status == RunStatus.released
+    assert after_one.global_round == 1
+    assert [r["round"] for r in read_records(tmp_path / "run")] == [1, 2]
+    final, reference = _encoder(tmp_path / "run"), _encoder(tmp_path / "straight")
+    assert set(final) == set(reference)
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=0, atol=1e-6)
+    # ... which is not where round 1 ended (round 2 trained)
+    round_one = {k.removeprefix("encoder."): torch.from_numpy(a)
+                 for k, a in zip(after_one.phase_keys, after_one.phase_arrays) if k.startswith("encoder.")}
+    assert set(round_one) == set(reference)
+    assert max(float((reference[k] - round_one[k]).abs().max()) for k in reference) > 1e-4
+
+
+def test_a_resumed_run_keeps_the_privacy_ledger(tmp_path: Path) -> None:
+    # Prepare
     sites = make_sites(tmp_path / "sites", 2)
     dp = ["privacy.mode=user", "privacy.noise_multiplier=2.0", "privacy.update_clip_norm=5.0",
           "federation.rounds=2"]
     cfg, paused = federate(tmp_path / "run", sites, 2, [*dp, "output.stop_after_round=1"])
-    assert paused.status == RunStatus.paused and not (tmp_path / "run" / "release").exists()
-    checkpoint = load_state(tmp_path / "run", cfg)
-    assert checkpoint.global_round == 1
-    saved_hash = weights_hash(checkpoint.phase_arrays)
+    assert paused.status == RunStatus.paused
+    one_round = PrivacyLedger.from_json(load_state(tmp_path / "run", cfg).ledger_json)
+
+    # Execute
     _, done = federate(tmp_path / "run", sites, 2, [*dp, "output.resume=true"])
+
+    # Assert: the checkpoint held one round's ledger; the release's is that of an
+    # uninterrupted 2-round run
     assert done.status == RunStatus.released
-    records = read_records(tmp_path / "run")
-    assert [r["round"] for r in records] == [1, 2]
-    # The resumed round 2 started from exactly the checkpointed weights ...
-    assert records[1]["sites"] and saved_hash == weights_hash(checkpoint.phase_arrays)
-    # ... and the ledger equals that of an uninterrupted 2-round run.
+    assert one_round.epsilon("all-sites", "user") == pytest.approx(epsilon_for([[2.0, 1.0, 1]], 1e-5))
     card = (tmp_path / "run" / "release" / "model_card.md").read_text()
     expected = epsilon_for([[2.0, 1.0, 2]], 1e-5)
     assert f"{expected:.4g}" in card

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from sim.results import ArmKind, ScenarioResults
+
 TINY = ["sim.sites=2", "sim.subjects_per_site=3", "sim.cine_phases=4", "sim.max_sax_slices=4",
         "sim.seeds=[0]", "sim.label_budgets=[1]", "federation.rounds=1", "federation.finetune_rounds=1",
         "ssl.local_steps=1", "ssl.batch_size=8", "tasks.steps=1", "tasks.batch_size=4",
@@ -53,6 +55,9 @@ def test_results_schema(scenario) -> None:  # noqa: ANN001
     assert all((out / o["file"]).is_file() for o in results["overlays"])
     assert {o["task"] for o in results["overlays"]} == {"sax_seg", "landmarks"}
     assert results["timings_s"]["total"] > 0
+    parsed = ScenarioResults.from_json(results, "results.json")  # the report reads it back whole
+    assert {a.kind for a in parsed.arms.values()} == set(ArmKind)
+    assert len(parsed.finetune) == len(rows) and parsed.scenario.arms == tuple(results["arms"])
 
 
 def test_a_bad_real_site_path_is_one_line_and_exit_2(tmp_path: Path) -> None:
