@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
+
 from shared_model.config import FedCMRConfig
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Ray puts AF_UNIX sockets ~70 characters below its temp dir; the kernel allows 107 in all.
 RAY_TMPDIR_MAX_CHARS = 36
+RAY_EXIT_S = 30.0  # how long Ray's processes get to exit after shutdown
 
 
 @contextlib.contextmanager
@@ -45,10 +48,11 @@ def ray_tmpdir(run_dir: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def flower_environment(run_dir: Path) -> Iterator[None]:
-    """Run-local Flower/Ray folders, no runtime dependency installs; restored afterwards."""
+def flower_environment(run_dir: Path) -> Iterator[Path]:
+    """Run-local Flower/Ray folders, no runtime dependency installs; restored afterwards.
+    Yields Ray's temp folder, which every Ray process of the run carries as RAY_TMPDIR."""
     with ray_tmpdir(run_dir) as ray_dir, _environment(run_dir, ray_dir):
-        yield
+        yield ray_dir
 
 
 @contextlib.contextmanager
@@ -102,24 +106,46 @@ def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None 
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                       "configure_logging": False, "_node_ip_address": "127.0.0.1"},
     }
-    with flower_environment(run_dir):
+    with flower_environment(run_dir) as ray_dir:
         try:
             run_simulation(server_app=build_server_app(cfg, phases, release),
                            client_app=build_client_app(settings_for, extra_mods),
                            num_supernodes=cfg.sim.sites, backend_config=backend_config)
         finally:
-            _stop_ray()
+            _stop_ray(ray_dir)
     outcome = read_outcome(run_dir)
     if outcome is None:
         raise RuntimeError(f"the federation ended without a status; see the log above ({run_dir})")
     return outcome
 
 
-def _stop_ray() -> None:
-    """Ray is Flower's to stop; make sure of it even when the run failed midway."""
+def _stop_ray(ray_dir: Path) -> None:
+    """Ray is Flower's to stop; make sure of it even when the run failed midway, and wait until
+    the run's Ray processes (GCS, raylet, workers, Flower's actors) have exited: shutdown
+    returns while workers are still winding down, and the next run would share the cores.
+
+    Flower's backend shuts Ray down itself, leaving the workers to the init process; they are
+    found by the RAY_TMPDIR they inherited, which is this run's own folder.
+    """
     try:
         import ray
     except ImportError:
         return
     if ray.is_initialized():
         ray.shutdown()
+    _, alive = psutil.wait_procs(_ray_processes(ray_dir), timeout=RAY_EXIT_S)
+    for proc in alive:
+        log.warning("Ray process %d did not exit after shutdown; killing it", proc.pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _ray_processes(ray_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("RAY_TMPDIR") == str(ray_dir):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
