@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -128,7 +129,7 @@ def clipping_range_check(msg: Message, context: Context,
     if (msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or state is None
             or RECORD_KEY_CONFIGS not in msg.content.config_records):
         return reply
-    limit = float(state["clipping_range"])
+    limit = float(cast(float, state["clipping_range"]))
     arrays = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)
     for index, array in enumerate(arrays):
         peak = float(np.abs(array).max()) if array.size else 0.0

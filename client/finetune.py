@@ -31,6 +31,7 @@ from shared_model.finetune import FinetuneResult, evaluate, finetune, predict_al
 from shared_model.labels import parse_frame_key
 from shared_model.privacy import DPSettings
 from shared_model.tasks import SeriesData, Task, TaskData, TaskDataError, TaskKind, get_task
+from shared_model.tasks.models import TaskModel
 from shared_model.train import CheckpointPolicy, make_generator, resolve_device
 
 
@@ -87,7 +88,7 @@ class FinetuneReport:
     epsilon: float
 
 
-def finetune_at_node(model: torch.nn.Module, task: Task, train: TaskData, test: TaskData,
+def finetune_at_node(model: TaskModel, task: Task, train: TaskData, test: TaskData,
                      cfg: FedCMRConfig, *, gen: torch.Generator, device: torch.device,
                      dp: DPSettings | None = None,
                      checkpoint: CheckpointPolicy | None = None) -> tuple[FinetuneResult, dict[str, float]]:
@@ -126,7 +127,7 @@ def finetune_on_store(task_name: str, bundle_path: Path, store_path: Path, out: 
                "train_samples": len(train), "test_samples": len(test), "metrics": metrics,
                "epsilon": result.epsilon, "delta": cfg.privacy.delta if dp else None,
                "steps": cfg.tasks.steps, "mode": cfg.tasks.mode.value}
-    save_task_bundle(out, cfg, task, model.cpu(), _json_safe(summary), base=bundle)
+    save_task_bundle(out, cfg, task, model.cpu(), {k: _json_safe(v) for k, v in summary.items()}, base=bundle)
     if checkpoint is not None:
         checkpoint.path.unlink(missing_ok=True)  # the session finished; the bundle is the result
     return FinetuneReport(out, len(train_ids), len(test_ids), len(train), len(test), metrics,

@@ -29,7 +29,7 @@ from server.release import write_release
 from server.run_status import Outcome, RunStatus, write_outcome
 from server.state import ServerState, load_state, save_state
 from server.strategy import BudgetExceeded, PhaseInfo, PhaseStrategy, RunPaused
-from server.workflows import timed_evaluate_workflow, timed_fit_workflow
+from server.workflows import Workflow, timed_evaluate_workflow, timed_fit_workflow
 from shared_model.config import (
     ConfigError,
     FedCMRConfig,
@@ -123,8 +123,8 @@ def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig,
 def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple[torch.nn.Module, list[str]]:
     """The model a phase trains, at its starting point, and its federated keys."""
     if spec.name == PRETRAIN:
-        model = initial_ssl_model(cfg)
-        return model, federated_keys(model, cfg.federation.ssl_head == HeadSharing.local)
+        ssl_model = initial_ssl_model(cfg)
+        return ssl_model, federated_keys(ssl_model, cfg.federation.ssl_head == HeadSharing.local)
     model = initial_task_model(cfg, get_task(spec.task))
     if spec.init_encoder:
         load_into(model.encoder, load_safetensors(spec.init_encoder)[0], spec.init_encoder)
@@ -135,6 +135,7 @@ def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple
 
 def build_workflow(cfg: FedCMRConfig) -> DefaultWorkflow:
     timeout = cfg.federation.round_timeout_s
+    fit: Workflow
     if secagg_enabled(cfg):
         sa = cfg.federation.secagg
         fit = SecAggPlusWorkflow(num_shares=sa.num_shares,

@@ -11,9 +11,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
@@ -69,7 +73,7 @@ class MetricsLog:
         self.records: list[RoundRecord] = []
         if resume and (self.run_dir / METRICS_JSON).is_file():
             self.records = [RoundRecord.from_json(r) for r in read_records(self.run_dir)]
-        self._writer = None
+        self._writer: SummaryWriter | None = None
 
     def add(self, record: RoundRecord) -> None:
         self.records.append(record)

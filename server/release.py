@@ -7,6 +7,7 @@ per-task results of the last evaluation, and the privacy ledger.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from server.ledger import PrivacyLedger
@@ -38,7 +39,7 @@ def write_release(run_dir: Path, cfg: FedCMRConfig, state: ServerState, ledger: 
     return out
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)

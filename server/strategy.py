@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +77,8 @@ class PhaseInfo:
 
 
 def site_name(proxy: ClientProxy, metrics: dict[str, Scalar]) -> str:
-    return f"site-{metrics['site_index']}" if "site_index" in metrics else f"node-{proxy.node_id}"
+    """``site-<i>`` from the allow-listed ``site_index`` metric, else the Flower node id."""
+    return f"site-{int(metrics['site_index'])}" if "site_index" in metrics else f"node-{proxy.node_id}"
 
 
 class PhaseStrategy(Strategy):
@@ -184,8 +185,8 @@ class PhaseStrategy(Strategy):
                            failures: list) -> tuple[float | None, dict[str, Scalar]]:
         _keep_allowed_metrics(results)
         loss, aggregate = self.inner.aggregate_evaluate(self._phase_round(server_round), results, failures)
-        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, "loss": r.loss, **r.metrics}
-                 for p, r in results}
+        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, "loss": r.loss,
+                                           **outgoing_metrics(r.metrics)} for p, r in results}
         self.on_record(RoundRecord(
             round=self._global_round(server_round), phase=self.phase.label, status=RoundStatus.evaluated,
             seconds=0.0, sites=sites, aggregate={**dict(aggregate), **({"loss": loss} if loss is not None else {})},
@@ -267,17 +268,18 @@ class PhaseStrategy(Strategy):
 
     def _record(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]],
                 excluded: dict[str, str], aggregate: dict[str, Scalar], status: RoundStatus) -> None:
-        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, **r.metrics} for p, r in valid}
+        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, **outgoing_metrics(r.metrics)}
+                 for p, r in valid}
         self.on_record(RoundRecord(
             round=self._global_round(server_round), phase=self.phase.label, status=status,
             seconds=time.perf_counter() - self._started, sites=sites, aggregate=aggregate,
             excluded=excluded, kind=RecordKind.fit))
 
 
-def _keep_allowed_metrics(results: list[tuple[ClientProxy, FitRes | EvaluateRes]]) -> None:
+def _keep_allowed_metrics(results: Sequence[tuple[ClientProxy, FitRes | EvaluateRes]]) -> None:
     """Whatever a node sent, only allow-listed finite scalars are kept, logged or aggregated."""
     for _, res in results:
-        res.metrics = outgoing_metrics(dict(res.metrics))
+        res.metrics = dict(outgoing_metrics(dict(res.metrics)))
 
 
 def _describe(failure: object) -> str:

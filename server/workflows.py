@@ -26,7 +26,6 @@ from flwr.supercore import log
 Workflow = Callable[[Grid, Context], None]
 Ins = TypeVar("Ins", FitIns, EvaluateIns)
 Res = TypeVar("Res", FitRes, EvaluateRes)
-Failure = BaseException | tuple[ClientProxy, FitRes | EvaluateRes]
 
 
 def _current(context: LegacyContext) -> tuple[int, Parameters]:
@@ -39,7 +38,7 @@ def _current(context: LegacyContext) -> tuple[int, Parameters]:
 def send_and_collect(grid: Grid, instructions: Sequence[tuple[ClientProxy, Ins]], message_type: str,
                      server_round: int, timeout_s: float, to_content: Callable[[Ins], RecordDict],
                      from_content: Callable[[RecordDict], Res],
-                     ) -> tuple[list[tuple[ClientProxy, Res]], list[Failure]]:
+                     ) -> tuple[list[tuple[ClientProxy, Res]], list[tuple[ClientProxy, Res] | BaseException]]:
     """Send each site its instruction; (replies with status OK, failures) within ``timeout_s``.
 
     A failure is a reply with another status, an error reply, or a site that did not reply in
@@ -51,7 +50,7 @@ def send_and_collect(grid: Grid, instructions: Sequence[tuple[ClientProxy, Ins]]
                 for proxy, ins in instructions]
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     results: list[tuple[ClientProxy, Res]] = []
-    failures: list[Failure] = []
+    failures: list[tuple[ClientProxy, Res] | BaseException] = []
     for reply in replies:
         if reply.has_content():
             res = from_content(reply.content)

@@ -30,7 +30,7 @@ from shared_model.encoders import build_encoder, get_preset
 from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
 from shared_model.tasks import Task
-from shared_model.tasks.models import build_task_model
+from shared_model.tasks.models import TaskModel, build_task_model
 from shared_model.weights import (
     WeightsError,
     load_into,
@@ -74,7 +74,7 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(root=root, config=cfg, encoder=encoder, tasks=tasks)
 
 
-def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = False) -> torch.nn.Module:
+def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = False) -> TaskModel:
     """The bundle's model for ``task``; without one, its encoder with a freshly initialised head."""
     encoder = build_encoder(bundle.config.model.preset)
     try:

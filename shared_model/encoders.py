@@ -7,7 +7,7 @@ this module is imported, so a saved encoder loads with plain timm:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -73,7 +73,8 @@ class Encoder(VisionTransformer):
         super().__init__(**kwargs)
         self.taps: tuple[int, ...] = ()
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    # Not timm's forward(x, attn_mask): FedCMR's heads pass a mask of the patches to keep.
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if images.ndim == 5:
             out = self.forward(images.flatten(0, 1))
             return out.view(*images.shape[:2], *out.shape[1:])
@@ -82,7 +83,7 @@ class Encoder(VisionTransformer):
         if self.taps:
             maps = self.forward_intermediates(images, indices=list(self.taps), norm=False,
                                               output_fmt="NLC", intermediates_only=True)
-            return torch.stack(list(maps), dim=1)
+            return torch.stack(cast(list[torch.Tensor], maps), dim=1)  # intermediates_only: a list
         return self.forward_features(images)
 
     def _encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from shared_model.augment import (
 from shared_model.config import FinetuneMode, TasksConfig
 from shared_model.privacy import DPSettings, PrivacyError, make_private
 from shared_model.tasks.base import Task, TaskData, TaskDataError, TaskKind
+from shared_model.tasks.models import TaskModel
 from shared_model.tasks.scoring import predict, task_loss, task_metrics
 from shared_model.train import (
     CheckpointPolicy,
@@ -51,9 +52,9 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+def param_groups(model: TaskModel, weight_decay: float, layer_decay: float) -> list[dict]:
     """Parameter groups carrying ``lr_scale`` (layer-wise decay) and their weight decay."""
-    depth = len(model.encoder.blocks)  # type: ignore[attr-defined]
+    depth = len(model.encoder.blocks)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -67,8 +68,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     return list(groups.values())
 
 
-def set_encoder_trainable(model: torch.nn.Module, trainable: bool) -> None:
-    model.encoder.requires_grad_(trainable)  # type: ignore[attr-defined]
+def set_encoder_trainable(model: TaskModel, trainable: bool) -> None:
+    model.encoder.requires_grad_(trainable)
 
 
 def augment_batch(task: Task, inputs: torch.Tensor, targets: torch.Tensor,
@@ -91,7 +92,7 @@ class FinetuneResult:
     dp_history: list[list[float]] | None = None
 
 
-def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: TasksConfig, *,
+def finetune(model: TaskModel, task: Task, data: TaskData, settings: TasksConfig, *,
              gen: torch.Generator, device: torch.device, span: Span = Span(),
              dp: DPSettings | None = None, dp_history: list[list[float]] | None = None,
              checkpoint: CheckpointPolicy | None = None, proximal_mu: float = 0.0) -> FinetuneResult:
@@ -105,9 +106,11 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
     model.to(device)
     set_encoder_trainable(model, mode == FinetuneMode.full)
     tensors = [data.inputs, data.targets] + ([data.valid] if data.valid is not None else [])
-    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.layer_decay),
-                                  lr=settings.lr)
+    adamw = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.layer_decay), lr=settings.lr)
     private = None
+    optimizer: torch.optim.Optimizer = adamw
+    batches: LoaderBatches | TensorBatches
+    train_model: torch.nn.Module
     if dp is not None:
         dataset = torch.utils.data.TensorDataset(*tensors)
         private = make_private(model, optimizer, dataset, settings.batch_size, dp, gen, dp_history)
@@ -138,7 +141,7 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
 
     train_model.train()
     if mode == FinetuneMode.linear:
-        model.encoder.eval()  # type: ignore[attr-defined]  # frozen features, no drop-path
+        model.encoder.eval()  # frozen features, no drop-path
     try:
         local = run_steps(train_model, batches, step_fn, optimizer=optimizer, steps=settings.steps,
                           base_lr=settings.lr, device=device, gen=gen, span=span,

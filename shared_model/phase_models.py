@@ -15,7 +15,7 @@ from shared_model.encoders import build_encoder
 from shared_model.ssl import build_ssl_model
 from shared_model.ssl.base import SSLModel
 from shared_model.tasks import Task
-from shared_model.tasks.models import build_task_model
+from shared_model.tasks.models import TaskModel, build_task_model
 from shared_model.train import derive_seed
 
 
@@ -25,7 +25,7 @@ def initial_ssl_model(plan: FedCMRConfig) -> SSLModel:
     return build_ssl_model(plan)
 
 
-def initial_task_model(plan: FedCMRConfig, task: Task) -> torch.nn.Module:
+def initial_task_model(plan: FedCMRConfig, task: Task) -> TaskModel:
     """The seeded task model (encoder, head) a fine-tuning phase starts from."""
     torch.manual_seed(derive_seed(plan.seed, "head", task.name) % (2**31))
     return build_task_model(task, build_encoder(plan.model.preset), plan.tasks.decoder_width)

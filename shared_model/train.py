@@ -289,7 +289,7 @@ def pretrain_local(model: SSLModel, images: torch.Tensor, *, steps: int, batch_s
         return (loss + prox() if prox else loss), stats
 
     batches = LoaderBatches(private.loader) if private else TensorBatches([images], batch_size, gen)
-    return run_steps(trained, batches, step_fn,  # type: ignore[arg-type]
+    return run_steps(trained, batches, step_fn,
                      optimizer=private.optimizer if private else optimizer, steps=steps,
                      base_lr=base_lr, device=device, gen=gen, span=span,
                      accumulate=1 if private else accumulate,
@@ -300,7 +300,8 @@ def pretrain_local(model: SSLModel, images: torch.Tensor, *, steps: int, batch_s
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW without weight decay on biases, norms, tokens and position embeddings."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

@@ -10,6 +10,8 @@ allow-list. Nothing else leaves a node: no strings, no header values, no per-ima
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 PLAN_KEY = "plan"
@@ -40,7 +42,7 @@ def is_allowed_metric(name: str) -> bool:
     return name in ALLOWED_METRICS or name.startswith(ALLOWED_METRIC_PREFIXES)
 
 
-def outgoing_metrics(values: dict[str, object]) -> dict[str, float | int]:
+def outgoing_metrics(values: Mapping[str, object]) -> dict[str, float | int]:
     """Keep allow-listed finite numbers only; anything else never leaves the node."""
     out: dict[str, float | int] = {}
     for key, value in values.items():

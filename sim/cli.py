@@ -124,7 +124,7 @@ def cohort(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sim.cohort import plan_jobs, write_cohort
+    from sim.cohort import SubjectResult, plan_jobs, write_cohort
     from sim.study import StudyOptions
 
     with user_errors():
@@ -137,7 +137,7 @@ def cohort(
         with Progress(*columns, console=console, auto_refresh=False) as progress:
             task = progress.add_task(f"writing {sites} sites", total=total)
 
-            def done(result) -> None:
+            def done(result: SubjectResult) -> None:
                 nonlocal frames
                 frames += result.frames
                 progress.advance(task)

@@ -71,6 +71,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import nibabel as nib
@@ -217,6 +218,7 @@ def mask_affine(series: SeriesData, order: np.ndarray, thickness_mm: float) -> n
 
 def write_mask(path: Path, series: SeriesData, thickness_mm: float) -> None:
     """The series' masks as uint8 NIfTI, data[col, row, slice, phase] (see module docstring)."""
+    assert series.masks is not None  # only labelled series get a mask file
     normal = series.planes[0].normal
     order = np.argsort([float(p.position @ normal) for p in series.planes], kind="stable")
     data = series.masks[order][:, _phase_order(series)]
@@ -277,7 +279,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _pool_context():
+def _pool_context() -> BaseContext:
     """Fork on Linux (workers start before the pool's own thread; the caller must not run other
     threads, e.g. a self-refreshing progress bar), spawn elsewhere."""
     return get_context("fork" if sys.platform.startswith("linux") else "spawn")

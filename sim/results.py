@@ -227,7 +227,7 @@ class _Reader:
         return ResultsError(f"{self.source}: field '{where}' is missing or not {expected}; "
                             "re-run the scenario")
 
-    def object(self, value: object, where: str) -> dict:
+    def record(self, value: object, where: str) -> dict:
         if not isinstance(value, dict):
             raise self.fail(where, "an object")
         return value
@@ -265,7 +265,7 @@ class _Reader:
         values = raw.get(key) or []
         if not isinstance(values, list):
             raise self.fail(key, "a list")
-        return [parse(self, self.object(v, f"{key}[{i}]"), f"{key}[{i}]") for i, v in enumerate(values)]
+        return [parse(self, self.record(v, f"{key}[{i}]"), f"{key}[{i}]") for i, v in enumerate(values)]
 
     def mapping(self, raw: dict, key: str, parse: Callable[[_Reader, object, str], T]) -> dict[str, T]:
         values = raw.get(key) or {}
@@ -280,7 +280,7 @@ def _optional(raw: dict, key: str, where: str, parse: Callable[[object, str], T]
 
 
 def _scenario(read: _Reader, raw: object) -> ScenarioInfo:
-    sc = read.object(raw, "scenario")
+    sc = read.record(raw, "scenario")
 
     def listed(key: str, parse: Callable[[object, str], T]) -> tuple[T, ...]:
         values = sc.get(key) or []
@@ -289,7 +289,7 @@ def _scenario(read: _Reader, raw: object) -> ScenarioInfo:
         return tuple(parse(v, f"scenario.{key}[{i}]") for i, v in enumerate(values))
 
     def site(value: object, where: str) -> SiteInfo:
-        s = read.object(value, where)
+        s = read.record(value, where)
         return SiteInfo(name=read.text(s.get("name"), f"{where}.name"),
                         source=read.text(s.get("source") or "", f"{where}.source"),
                         vendor=read.text(s.get("vendor") or "", f"{where}.vendor"),
@@ -304,7 +304,7 @@ def _scenario(read: _Reader, raw: object) -> ScenarioInfo:
 
 
 def _arm(read: _Reader, value: object, where: str) -> Arm:
-    a = read.object(value, where)
+    a = read.record(value, where)
     name = where.split(".", 1)[1]
 
     def enum(key: str, kind: type[E]) -> E | None:
@@ -328,7 +328,7 @@ def _curve(read: _Reader, c: dict, where: str) -> Curve:
 
 
 def _row(read: _Reader, r: dict, where: str) -> FinetuneRow:
-    metrics = read.object(r.get("metrics", {}), f"{where}.metrics")
+    metrics = read.record(r.get("metrics", {}), f"{where}.metrics")
     subjects = r.get("test_subjects") or []
     if not isinstance(subjects, list):
         raise read.fail(f"{where}.test_subjects", "a list")
@@ -352,9 +352,9 @@ def _overlay(read: _Reader, o: dict, where: str) -> Overlay:
 def _check_arm_names(results: ScenarioResults, source: str) -> None:
     """Every arm a row, curve, overlay or the scenario names is described under ``arms``."""
     named = [("scenario.arms", n) for n in results.scenario.arms]
-    for key, entries in (("finetune", results.finetune), ("curves", results.curves),
-                         ("overlays", results.overlays)):
-        named += [(f"{key}[{i}].arm", e.arm) for i, e in enumerate(entries)]
+    named += [(f"finetune[{i}].arm", r.arm) for i, r in enumerate(results.finetune)]
+    named += [(f"curves[{i}].arm", c.arm) for i, c in enumerate(results.curves)]
+    named += [(f"overlays[{i}].arm", o.arm) for i, o in enumerate(results.overlays)]
     for where, name in named:
         if name not in results.arms:
             raise ResultsError(f"{source}: field '{where}' names arm '{name}', which 'arms' does "

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -100,7 +100,7 @@ def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None 
                                        device=cfg.device, threads=max(1, int(cfg.sim.cpus_per_site)))
 
     run_dir = Path(cfg.output.dir)
-    backend_config = {
+    backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cfg.sim.cpus_per_site, "num_gpus": 0.0},
         # Ray's own services bind the loopback address only (its default is the host's routable IP).
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,

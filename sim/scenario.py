@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -58,6 +58,7 @@ from shared_model.errors import UserError
 from shared_model.finetune import predict_all
 from shared_model.phase_models import initial_ssl_model, initial_task_model
 from shared_model.tasks import Task, TaskData, TaskKind, get_task
+from shared_model.tasks.models import TaskModel
 from shared_model.tasks.scoring import headline_metric
 from shared_model.train import Span, make_generator, make_optimizer, pretrain_local, resolve_device
 from shared_model.weights import load_safetensors, save_safetensors
@@ -288,7 +289,7 @@ def parallel_map(fn: Callable[[J], R], jobs: Sequence[J], workers: int = 2, labe
     with contextlib.ExitStack() as stack:
         stack.enter_context(progress)
         bar = progress.add_task(label, total=len(jobs))
-        outputs = map(fn, jobs)
+        outputs: Iterator[R] = map(fn, jobs)
         if len(jobs) > 1 and workers > 1:
             outputs = stack.enter_context(ProcessPoolExecutor(
                 min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
@@ -310,7 +311,7 @@ def scratch_arm(cfg: FedCMRConfig, out: Path) -> ArmResult:
 # ---------------------------------------------------------------------------- fine-tuning
 
 
-def _task_model(cfg: FedCMRConfig, task: Task, encoder_path: Path) -> torch.nn.Module:
+def _task_model(cfg: FedCMRConfig, task: Task, encoder_path: Path) -> TaskModel:
     model = initial_task_model(cfg, task)
     model.encoder.load_state_dict(load_safetensors(encoder_path)[0])
     return model
@@ -407,7 +408,10 @@ def _overlay(model: torch.nn.Module, task: Task, test: TaskData, out: Path, arm:
         arrays = {"true_points": test.targets[0].numpy()[valid], "pred_points": pred.numpy()[valid],
                   "names": names}
     with open(path, "wb") as handle:
-        np.savez(handle, image=image.astype(np.float32), spacing_mm=np.float32(test.spacing_mm), **arrays)
+        # numeric and text arrays only (np.load reads them back with allow_pickle=False); numpy's
+        # stub would let **arrays fill savez's allow_pickle flag
+        np.savez(handle, image=image.astype(np.float32), spacing_mm=np.float32(test.spacing_mm),
+                 **arrays)  # type: ignore[arg-type]
     return [Overlay(task=task.name, arm=arm, site=site, file=str(path.relative_to(out)))]
 
 
@@ -458,10 +462,11 @@ def federated_finetune(cfg: FedCMRConfig, arms: dict[str, ArmResult], sites: lis
             last[record["phase"]] = record
     rows = []
     for label, record in last.items():
-        job, task = jobs[label], get_task(jobs[label].task)
-        rows.append(_row(job.arm, task, job.budget, job.seed, FinetuneMode.federated, POOLED_SITE,
+        job = jobs[label]
+        spec = get_task(job.task)
+        rows.append(_row(job.arm, spec, job.budget, job.seed, FinetuneMode.federated, POOLED_SITE,
                          dict(record["aggregate"])))
-        rows += [_row(job.arm, task, job.budget, job.seed, FinetuneMode.federated, site, dict(m))
+        rows += [_row(job.arm, spec, job.budget, job.seed, FinetuneMode.federated, site, dict(m))
                  for site, m in record["sites"].items()]
     return rows
 

@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -145,7 +145,7 @@ def _mask_loader(path: Path) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         import nibabel
 
-        data = np.asarray(nibabel.load(str(path)).dataobj)
+        data = np.asarray(cast("nibabel.Nifti1Image", nibabel.load(str(path))).dataobj)
         if data.ndim == 3:
             data = data[..., None]
         if data.ndim != 4:

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -218,7 +219,7 @@ class _Outcome:
     problems: Counter = field(default_factory=Counter)  # label problems found building it
 
     @classmethod
-    def of(cls, parts: SeriesParts, **kwargs: object) -> _Outcome:
+    def of(cls, parts: SeriesParts, **kwargs: Any) -> _Outcome:
         return cls(key=parts.key, study_uid=parts.study_uid, series_uid=parts.series_uid,
                    files=list(parts.files), fingerprints=list(parts.fingerprints), **kwargs)
 

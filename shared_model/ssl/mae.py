@@ -7,6 +7,8 @@ per-patch normalised pixels when ``norm_pix_loss``. Views: one mildly augmented 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
@@ -15,7 +17,7 @@ from timm.models.vision_transformer import Block
 from shared_model.augment import ViewSpec, make_view
 from shared_model.config import MAEConfig
 from shared_model.encoders import Encoder
-from shared_model.ssl.base import embedding_std
+from shared_model.ssl.base import SSLModel, embedding_std
 
 
 def mae_view_spec(image_size: int) -> ViewSpec:
@@ -63,6 +65,8 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
 
 
 class MAEDecoder(nn.Module):
+    pos_embed: torch.Tensor  # fixed sin-cos, a buffer
+
     """Light decoder: embed, add mask tokens, a few transformer blocks, predict pixels."""
 
     def __init__(self, embed_dim: int, num_patches: int, num_prefix: int, patch_size: int,
@@ -98,7 +102,7 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))
 
 
-class MAE(nn.Module):
+class MAE(SSLModel):
     """Encoder + MAE decoder head; see the module docstring."""
 
     def __init__(self, encoder: Encoder, cfg: MAEConfig) -> None:
@@ -107,13 +111,14 @@ class MAE(nn.Module):
         self.cfg = cfg
         self.patch_size = int(encoder.patch_embed.patch_size[0])
         self.image_size = int(encoder.patch_embed.img_size[0])
-        self.head = MAEDecoder(encoder.embed_dim, encoder.patch_embed.num_patches,
+        self.num_patches = cast(int, encoder.patch_embed.num_patches)
+        self.head = MAEDecoder(encoder.embed_dim, self.num_patches,
                                encoder.num_prefix_tokens, self.patch_size, cfg)
 
     def forward(self, images: torch.Tensor, gen: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, predicted patches, mask, encoded visible tokens) for already-made views."""
-        keep, restore, mask = random_masking(images.shape[0], self.encoder.patch_embed.num_patches,
+        keep, restore, mask = random_masking(images.shape[0], self.num_patches,
                                              self.cfg.mask_ratio, gen)
         latent = self.encoder(images, keep)
         pred = self.head(latent, restore)

@@ -206,6 +206,7 @@ class SegmentationTask(Task):
         for item in series:
             if not self.accepts(item):
                 continue
+            assert item.mask is not None  # accepts() takes masked series only
             for s, t in item.labeled_frames:
                 frames.append(item.images[s, t])
                 maps.append(self.class_map(item.mask[s, t]))

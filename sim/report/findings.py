@@ -21,7 +21,7 @@ def headline_task(results: ScenarioResults, table: FinetuneTable) -> str | None:
     """The first segmentation task with rows, else the first task with rows."""
     tasks = table.tasks(results.scenario.tasks)
     seg = [t for t in tasks if table.metric(t) == "dice_mean" or t.endswith("_seg")]
-    return (seg or tasks or [None])[0]
+    return (seg or tasks)[0] if tasks else None
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,14 @@ def headline(results: ScenarioResults) -> Headline:
     mode = table.common_mode([fm.name, *present], task, budget) or table.preferred_mode(fm.name, task, budget)
     fm_value = table.mean_of([fm], task, budget, mode)
     means = {key: table.mean_of(group, task, budget, mode) for key, group in groups.items()}
-    gaps = {key: oriented_gap(fm_value, means[key], metric)
-            if fm_value is not None and means[key] is not None else None for key in ("scratch", "local")}
-    ratio = (fm_ratio(fm_value, means["central"], metric)
-             if fm_value is not None and means["central"] is not None else None)
+    gaps: dict[str, float | None] = {"scratch": None, "local": None}
+    ratio = None
+    if fm_value is not None:
+        for key in gaps:
+            if (other := means[key]) is not None:
+                gaps[key] = oriented_gap(fm_value, other, metric)
+        if (central_value := means["central"]) is not None:
+            ratio = fm_ratio(fm_value, central_value, metric)
     return Headline(task=task, budget=budget, metric=metric, higher_is_better=higher_is_better(metric),
                     fm_arm=fm.name, mode=mode, fm=fm_value, scratch=means["scratch"],
                     local=means["local"], central=means["central"], gap_vs_scratch=gaps["scratch"],

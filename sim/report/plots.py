@@ -338,7 +338,7 @@ def _draw_points(ax: Axes, arrays: dict[str, np.ndarray]) -> str:
     true = np.asarray(arrays["true_points"], dtype=float)
     pred = np.asarray(arrays["pred_points"], dtype=float)
     names = [str(n) for n in arrays.get("names", [])] or [f"#{i}" for i in range(len(true))]
-    errors = landmark_errors_mm(true, pred, arrays.get("spacing_mm", np.float64(1.0)))
+    errors = landmark_errors_mm(true, pred, arrays.get("spacing_mm", np.ones(1)))
     for (tr, tc), (pr, pc) in zip(true, pred):
         ax.plot([tc, pc], [tr, pr], color="yellow", lw=0.8)
     ax.scatter(true[:, 1], true[:, 0], marker="o", facecolors="none", edgecolors="lime",

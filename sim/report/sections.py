@@ -67,7 +67,7 @@ def section_headline(ctx: ReportContext) -> list[str]:
         return lines + ["No fine-tuning results for a federated arm: no headline.", ""]
     metric = h.metric
     direction = "higher is better" if h.higher_is_better else "lower is better"
-    rows = [["task", h.task], ["labelled subjects per site", budget_label(h.budget)],
+    rows: list[list[object]] = [["task", h.task], ["labelled subjects per site", budget_label(h.budget)],
             ["metric", f"{metric} ({direction})"], ["fine-tuning mode", h.mode],
             [f"FM ({h.fm_arm})", fmt_value(h.fm, metric)], ["scratch", fmt_value(h.scratch, metric)],
             ["local-only (mean of arms)", fmt_value(h.local, metric)],

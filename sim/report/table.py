@@ -96,7 +96,7 @@ def central_for(fm: Arm, arms: Sequence[Arm]) -> Arm | None:
     """The central arm to compare ``fm`` with: same method if there is one, else the first."""
     central = of_kind(arms, ArmKind.central)
     same = [a for a in central if a.method == fm.method]
-    return (same or central or [None])[0]
+    return (same or central)[0] if central else None
 
 
 def privacy_arms(arms: Sequence[Arm]) -> list[Arm]:

@@ -41,7 +41,7 @@ Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Messag
 
 def corrupt_reply(site: int, round_: int, change: Callable[[list[np.ndarray]], list[np.ndarray]]) -> Mod:
     """A mod that alters the weights one site sends in one round (a faulty or hostile node)."""
-    def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+    def mod(msg: Message, context: Context, call_next):
         reply = call_next(msg, context)
         if (msg.metadata.message_type == MessageType.TRAIN and not reply.has_error()
                 and int(context.node_config["partition-id"]) == site
@@ -55,7 +55,7 @@ def corrupt_reply(site: int, round_: int, change: Callable[[list[np.ndarray]], l
 
 def drop_during_masking(site: int) -> Mod:
     """A mod that makes one site vanish after key sharing, when it should upload masked weights."""
-    def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+    def mod(msg: Message, context: Context, call_next):
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         if (configs is not None and configs.get("stage") == "collect_masked_vectors"
                 and int(context.node_config["partition-id"]) == site):

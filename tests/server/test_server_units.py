@@ -35,7 +35,7 @@ BOUNDS = UpdateBounds(max_update_norm=10.0, min_examples=1, max_examples=1000)
     ([np.full((4, 3), 100.0, np.float32), np.ones(5, np.float32)], 10, "update norm"),
     ([np.zeros((4, 3), np.float32), np.ones(5, np.float32)], 0, "num_examples"),
 ])
-def test_bad_updates_are_named(arrays, examples, fragment) -> None:  # noqa: ANN001
+def test_bad_updates_are_named(arrays, examples, fragment) -> None:
     assert fragment in update_problem(arrays, examples, GLOBAL, BOUNDS)
 
 
@@ -54,7 +54,7 @@ def _fit_res(arrays: list[np.ndarray], site: int, examples: int = 10) -> FitRes:
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, {"site_index": site})
 
 
-def _strategy(records: list, overrides: list[str] = ()):  # noqa: ANN202
+def _strategy(records: list, overrides: list[str] = ()):
     cfg = load_config("demo-cpu", ["federation.min_sites=3", "federation.secagg.mode=never",
                                    "federation.max_update_norm=10", *overrides])
     inner = build_aggregator(cfg, GLOBAL, lambda items: {}, evaluate=False)
@@ -148,7 +148,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
         load_state(tmp_path / "elsewhere", cfg)
 
 
-def _rewrite_checkpoint(path: Path, edit) -> None:  # noqa: ANN001 - edit(tensors, meta)
+def _rewrite_checkpoint(path: Path, edit) -> None:
     tensors, raw = load_safetensors(path)
     meta = json.loads(raw["fedcmr"])
     edit(tensors, meta)
@@ -162,7 +162,7 @@ def _rewrite_checkpoint(path: Path, edit) -> None:  # noqa: ANN001 - edit(tensor
     (lambda t, m: t.pop("opt/m_t/0"), "'opt/m_t/0'"),
     (lambda t, m: m.update(ledger='{"delta": 1e-05, "accountant": "prv"}'), "'entries'"),
 ])
-def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit, fragment) -> None:  # noqa: ANN001
+def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit, fragment) -> None:
     # Prepare: a good checkpoint with one field or tensor removed
     cfg = load_config("demo-cpu", [f"output.dir={tmp_path}"])
     path = save_state(tmp_path, _state(), cfg)
@@ -238,10 +238,10 @@ def test_node_failures_leave_as_their_type_only_and_refusals_with_their_message(
 
     msg = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN, group_id="1")
 
-    def leaky(message, context):  # noqa: ANN001, ANN202
+    def leaky(message, context):
         raise FileNotFoundError("/data/Doe^John_1970/series 12/IM0001 not found")
 
-    def refuses(message, context):  # noqa: ANN001, ANN202
+    def refuses(message, context):
         raise NodePolicyError("SecAgg+ with threshold 1 and 2 shares is below this node's policy")
 
     # Act
@@ -269,7 +269,7 @@ class _OneReplyGrid:
     def __init__(self, reply: Callable[[Message], Message]) -> None:
         self.reply = reply
 
-    def send_and_receive(self, messages, timeout):  # noqa: ANN001, ANN201 - Grid's signature
+    def send_and_receive(self, messages, timeout):
         return [self.reply(list(messages)[0])]
 
 

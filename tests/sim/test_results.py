@@ -51,7 +51,7 @@ def test_results_round_trip_through_the_file(tmp_path: Path) -> None:
     (lambda r: r["finetune"][0].update(arm="fed-dino"), r"finetune\[0\]\.arm.*'fed-dino'"),
     (lambda r: r["scenario"]["sites"][0].pop("name"), r"scenario\.sites\[0\]\.name"),
 ])
-def test_a_damaged_field_is_named_with_the_file(tmp_path: Path, damage, field: str) -> None:  # noqa: ANN001
+def test_a_damaged_field_is_named_with_the_file(tmp_path: Path, damage, field: str) -> None:
     # Prepare
     path = write_results(tmp_path, _results())
     raw = json.loads(path.read_text())

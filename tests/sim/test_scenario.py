@@ -23,7 +23,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
     return out, proc
 
 
-def test_scenario_writes_report_results_and_config(scenario) -> None:  # noqa: ANN001
+def test_scenario_writes_report_results_and_config(scenario) -> None:
     out, proc = scenario
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("report.md", "report.html", "results.json", "config.yaml"):
@@ -35,7 +35,7 @@ def test_scenario_writes_report_results_and_config(scenario) -> None:  # noqa: A
     assert "## Headline" in report and "fed-mae" in report
 
 
-def test_results_schema(scenario) -> None:  # noqa: ANN001
+def test_results_schema(scenario) -> None:
     out, _ = scenario
     results = json.loads((out / "results.json").read_text())
     assert results["format"] == "fedcmr-sim-results" and results["version"] == 1
