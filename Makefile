@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # Tools started by Flower (flower-superlink, flower-supernode) come from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-lint: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -37,6 +41,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff (packages, benchmarks, tests) and mypy (packages, benchmarks) as configured in pyproject.toml.
+lint: $(VENV)/.installed-lint
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs .pytest_cache

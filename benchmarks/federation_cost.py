@@ -26,10 +26,13 @@ from pathlib import Path
 
 import torch
 
+from client.node_settings import simulated_site_store
 from client.store import LocalStore
-from server.metrics import read_records
+from server.metrics import RecordKind, read_records
+from server.run_status import RunStatus
 from shared_model.config import load_config
 from shared_model.encoders import build_encoder, get_preset
+from shared_model.phase_models import initial_ssl_model
 from shared_model.ssl import build_ssl_model, federated_keys
 from shared_model.train import Span, make_generator, make_optimizer, pretrain_local
 from shared_model.weights import state_dict_nbytes
@@ -69,8 +72,7 @@ def _one_site_loop(args: tuple[str, str, int]) -> float:
     torch.set_num_threads(1)
     cfg = config_from_yaml(config_yaml, "benchmark")
     images = LocalStore.open(store).unlabeled_frames(get_preset(cfg.model.preset).image_size)
-    torch.manual_seed(cfg.seed)
-    model = build_ssl_model(cfg)
+    model = initial_ssl_model(cfg)
     start = time.perf_counter()
     pretrain_local(model, images, steps=cfg.ssl.local_steps, batch_size=cfg.ssl.batch_size,
                    optimizer=make_optimizer(model, cfg.ssl.lr, cfg.ssl.weight_decay),
@@ -85,7 +87,7 @@ def plain_loop_seconds(cfg, sites_root: Path, sites: int, repeats: int = 2) -> f
 
     from shared_model.config import config_to_yaml
 
-    jobs = [(config_to_yaml(cfg), str(sites_root / f"site-{i}" / "store"), i) for i in range(sites)]
+    jobs = [(config_to_yaml(cfg), str(simulated_site_store(sites_root, i)), i) for i in range(sites)]
     context = multiprocessing.get_context("spawn")
     best = float("inf")
     for _ in range(repeats):
@@ -103,9 +105,9 @@ def measure(work: Path, sites_root: Path, secagg: bool, args: argparse.Namespace
                  f"federation.ssl_head={args.ssl_head}",
                  f"federation.secagg.mode={'always' if secagg else 'never'}"]
     cfg = load_config("demo-cpu", overrides)
-    status = run_federation(cfg, sites_root, extra_mods=[upload_counter(counts)])
-    assert status["status"] == "released", status
-    rounds = [r for r in read_records(out) if r["kind"] == "fit" and r["round"] > 1]
+    outcome = run_federation(cfg, sites_root, extra_mods=[upload_counter(counts)])
+    assert outcome.status == RunStatus.released, outcome
+    rounds = [r for r in read_records(out) if r["kind"] == RecordKind.fit and r["round"] > 1]
     uploads = [json.loads(line) for line in counts.read_text().splitlines()]
     per_site_round: dict[tuple[int, int], int] = {}
     for u in uploads:
@@ -125,7 +127,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedcmr-bench-"))
     sites_root = work / "sites"
     for index in range(SITES):
-        write_site_frames(sites_root / f"site-{index}" / "store", site_spec(index, 1.5, 128), 96, seed=0)
+        write_site_frames(simulated_site_store(sites_root, index), site_spec(index, 1.5, 128), 96, seed=0)
     results = {secagg: measure(work, sites_root, secagg, args) for secagg in (False, True)}
     cfg = results[False]["cfg"]
     reference = plain_loop_seconds(cfg, sites_root, SITES)

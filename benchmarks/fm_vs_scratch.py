@@ -27,7 +27,7 @@ from client.store import LocalStore
 from shared_model.config import load_config
 from shared_model.encoders import build_encoder, get_preset
 from shared_model.finetune import evaluate, finetune
-from shared_model.ssl import build_ssl_model
+from shared_model.phase_models import initial_ssl_model
 from shared_model.tasks import get_task
 from shared_model.tasks.models import build_task_model
 from shared_model.train import Span, make_generator, make_optimizer, pretrain_local
@@ -76,8 +76,7 @@ def main() -> None:
 
     # Self-supervised pretraining on unlabelled SAX cine frames of the non-held-out subjects.
     frames = torch.cat([ssl_frames(store, size, sorted(test_ids)) for store in stores])
-    torch.manual_seed(cfg.seed)
-    ssl_model = build_ssl_model(cfg)
+    ssl_model = initial_ssl_model(cfg)
     t0 = time.perf_counter()
     result = pretrain_local(ssl_model, frames, steps=args.pretrain_steps, batch_size=cfg.ssl.batch_size,
                             optimizer=make_optimizer(ssl_model, cfg.ssl.lr, cfg.ssl.weight_decay),

@@ -21,21 +21,23 @@ import psutil
 
 
 def _federate(sites: int, rounds: int, local_steps: int, work: str) -> None:
+    from client.node_settings import simulated_site_store
+    from server.run_status import RunStatus
     from shared_model.config import load_config
     from sim.runner import run_federation
     from sim.sites import site_spec, write_site_frames
 
     root = Path(work)
     for index in range(sites):
-        write_site_frames(root / "sites" / f"site-{index}" / "store", site_spec(index, 1.5, 128), 16, seed=0)
+        write_site_frames(simulated_site_store(root / "sites", index), site_spec(index, 1.5, 128), 16, seed=0)
     cfg = load_config("demo-cpu", [f"federation.rounds={rounds}", "federation.finetune_rounds=0",
                                    f"ssl.local_steps={local_steps}", "ssl.batch_size=16",
                                    f"sim.sites={sites}", f"federation.min_sites={sites}",
                                    "federation.secagg.mode=never", "device=cpu",
                                    f"output.dir={root / 'run'}"])
-    status = run_federation(cfg, root / "sites")
-    if status["status"] != "released":
-        raise SystemExit(f"run ended {status}")
+    outcome = run_federation(cfg, root / "sites")
+    if outcome.status != RunStatus.released:
+        raise SystemExit(f"run ended {outcome.status}: {outcome.detail}")
 
 
 def _tree_memory(process: psutil.Process) -> int:

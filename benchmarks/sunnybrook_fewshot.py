@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel
 import numpy as np
@@ -64,8 +65,10 @@ def load_frame_tests(patients: set[str]) -> list[TestFrame]:
         for row in csv.DictReader(handle):
             if row["patient"] not in patients:
                 continue
-            image = nibabel.load(DATA / "sunnybrook-frames" / "imagesTr" / f"{row['case']}_0000.nii.gz")
-            label = nibabel.load(DATA / "sunnybrook-frames" / "labelsTr" / f"{row['case']}.nii.gz")
+            image = cast("nibabel.Nifti1Image", nibabel.load(
+                DATA / "sunnybrook-frames" / "imagesTr" / f"{row['case']}_0000.nii.gz"))
+            label = cast("nibabel.Nifti1Image", nibabel.load(
+                DATA / "sunnybrook-frames" / "labelsTr" / f"{row['case']}.nii.gz"))
             zooms = image.header.get_zooms()
             out.append(TestFrame(row["patient"], groups[row["patient"]],
                                  np.asarray(image.dataobj)[:, :, 0].T.astype(np.float32),

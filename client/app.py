@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -45,21 +44,19 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.federated import FedCMRClient
+from client.node_settings import NodeConfigError, NodePolicy, NodeSettings, node_settings_from_context
+from shared_model.errors import UserError
 from shared_model.privacy import PrivacyError
 
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 log = logging.getLogger(__name__)
 
 
-class NodeConfigError(ValueError):
-    """The node's own settings are missing or wrong."""
-
-
-class NodePolicyError(PermissionError):
+class NodePolicyError(UserError, PermissionError):
     """The server asked for something this node's policy does not allow."""
 
 
-class ClippingRangeError(ValueError):
+class ClippingRangeError(UserError, ValueError):
     """An outgoing weight lies outside SecAgg+'s clipping range."""
 
 
@@ -84,59 +81,6 @@ def redact_errors(msg: Message, context: Context,
         log.exception("this node failed on a %s message", msg.metadata.message_type)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=public_reason(error)),
                        reply_to=msg)
-
-
-@dataclass(frozen=True)
-class NodePolicy:
-    """What a node accepts from any server (``node_config`` keys in brackets)."""
-
-    min_secagg_threshold: int = 2  # [min-secagg-threshold]
-    min_secagg_shares: int = 2  # [min-secagg-shares]
-    require_secagg: bool = False  # [require-secagg]
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """What only the node decides: its store, its device, its index, its policy."""
-
-    store: Path
-    device: str = "auto"
-    site_index: int = 0
-    policy: NodePolicy = NodePolicy()
-    threads: int = 0  # CPU threads for torch (0: torch's default, all cores)
-
-
-def _int_setting(node: dict, key: str, default: int) -> int:
-    value = node.get(key, default)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise NodeConfigError(f"node_config '{key}' must be an integer, got {value!r}") from None
-
-
-def _policy(node: dict) -> NodePolicy:
-    return NodePolicy(min_secagg_threshold=_int_setting(node, "min-secagg-threshold", 2),
-                      min_secagg_shares=_int_setting(node, "min-secagg-shares", 2),
-                      require_secagg=str(node.get("require-secagg", "false")).lower() in ("1", "true"))
-
-
-def node_settings_from_context(context: Context) -> NodeSettings:
-    """Read the node's settings from Flower's ``node_config`` (or the simulation's run_config).
-
-    Deployment: ``flower-supernode --node-config "store='/data/fedcmr-store' device='cuda'"``.
-    Simulation under ``flwr run``: the store of partition ``i`` is ``<sim-root>/site-<i>/store``.
-    """
-    node = dict(context.node_config)
-    if "store" in node:
-        return NodeSettings(store=Path(str(node["store"])), device=str(node.get("device", "auto")),
-                            site_index=_int_setting(node, "site-index", 0), policy=_policy(node),
-                            threads=_int_setting(node, "threads", 0))
-    if "partition-id" in node and "sim-root" in context.run_config:
-        index = int(node["partition-id"])
-        return NodeSettings(store=Path(str(context.run_config["sim-root"])) / f"site-{index}" / "store",
-                            site_index=index, policy=_policy(node), threads=1)
-    raise NodeConfigError("node_config has no 'store'; start the SuperNode with "
-                          "--node-config \"store='/path/to/fedcmr-store'\"")
 
 
 def node_guard(policy: NodePolicy) -> Mod:
@@ -185,7 +129,7 @@ def clipping_range_check(msg: Message, context: Context,
     if (msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or state is None
             or RECORD_KEY_CONFIGS not in msg.content.config_records):
         return reply
-    limit = float(state["clipping_range"])
+    limit = float(cast(float, state["clipping_range"]))
     arrays = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)
     for index, array in enumerate(arrays):
         peak = float(np.abs(array).max()) if array.size else 0.0

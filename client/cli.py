@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from shared_model.cli_common import console as error_console
-from shared_model.cli_common import load_cli_config, print_config, print_presets, user_errors
+from shared_model.cli_edge import Overrides, add_config_commands, load_cli_config, user_errors
 
 app = typer.Typer(help="FedCMR hospital node: local data, federation, local fine-tuning.",
                   no_args_is_help=True, add_completion=False)
-
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as key=value")]
-
-
-@app.command("config")
-def show_config(config: Annotated[str, typer.Argument(help="Preset name or YAML path")] = "demo-cpu",
-                overrides: Overrides = None) -> None:
-    """Print the resolved config (preset + overrides), or the error that stops it."""
-    with user_errors():
-        print_config(load_cli_config(config, overrides))
-
-
-@app.command()
-def presets() -> None:
-    """List the encoder presets and their timm names."""
-    print_presets()
+add_config_commands(app)
 
 
 _INGEST_HELP = (
@@ -78,7 +59,7 @@ def ingest(
     if source_format not in FORMATS:
         raise typer.BadParameter(f"'{source_format}' is not one of {', '.join(FORMATS)}",
                                  param_hint="--format")
-    with user_errors(), _intake_errors():
+    with user_errors():
         cfg = load_cli_config(config, overrides)
         options = IngestOptions(src=src, store=out, spacing_mm=cfg.data.spacing_mm,
                                 crop_px=cfg.data.crop_px, labels=labels, workers=workers,
@@ -126,7 +107,7 @@ def finetune(
 
     if arch not in ("fm", "unet"):
         raise typer.BadParameter(f"'{arch}' is not fm or unet", param_hint="--arch")
-    with user_errors(), _task_errors():
+    with user_errors():
         cfg = load_cli_config(config, [f"tasks.arch={arch}", *(overrides or [])])
         bundle = model if model is not None or arch == "unet" else default_model()
         report = finetune_on_store(task, bundle, store, out, cfg, label_budget, test_fraction)
@@ -181,7 +162,7 @@ def predict(
 
     from client.predict_inputs import predict_input
 
-    with user_errors(), _task_errors():
+    with user_errors():
         kind, counts = predict_input(task, model, source, out, device)
     done = counts.get("series", counts.get("cases", 0))
     unit = "cases" if kind == "nnunet" else "series"
@@ -201,35 +182,11 @@ def export_onnx_command(
 
     from client.export import export_onnx
 
-    with user_errors(), _task_errors():
+    with user_errors():
         result = export_onnx(task, model, out)
     Console().print(f"{task}: written to {result.path} (input {list(result.input_shape)}, "
                     f"dynamic batch); onnxruntime vs PyTorch max abs difference "
                     f"{result.max_abs_difference:.2e}", highlight=False, soft_wrap=True)
-
-
-@contextlib.contextmanager
-def _task_errors() -> Iterator[None]:
-    """Unknown tasks and stores without labels for the task: one line, exit 2."""
-    try:
-        yield
-    except (KeyError, ValueError) as exc:
-        message = exc.args[0] if exc.args else str(exc)
-        error_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-
-
-@contextlib.contextmanager
-def _intake_errors() -> Iterator[None]:
-    """Argument problems the intake finds (source inside the store, damaged label CSV): exit 2."""
-    from client.intake.label_files import LabelFileError
-    from client.intake.pipeline import IntakeError
-
-    try:
-        yield
-    except (IntakeError, LabelFileError) as exc:
-        error_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
-        sys.exit(2)
 
 
 def main() -> None:

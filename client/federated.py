@@ -8,6 +8,7 @@ DP accountant history) lives in the Flower Context's state, never in module glob
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,9 +16,31 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import NumPyClient
+from flwr.common import Scalar
 
 from client.finetune import held_out, series_from_store, task_series
-from client.protocol import (
+from client.store import LocalStore
+from shared_model.config import (
+    FedCMRConfig,
+    HeadSharing,
+    PrivacyMode,
+    SSLMethod,
+    TeacherMode,
+    config_from_yaml,
+    secagg_enabled,
+)
+from shared_model.encoders import get_preset
+from shared_model.finetune import evaluate, finetune
+from shared_model.phase_models import initial_ssl_model, initial_task_model, task_keys
+from shared_model.privacy import DPSettings, PrivacyError, epsilon_for, make_private
+from shared_model.ssl import federated_keys
+from shared_model.ssl.base import SSLModel
+from shared_model.ssl.dino import DINO
+from shared_model.tasks import Task, TaskData, TaskDataError, get_task
+from shared_model.tasks.models import TaskModel
+from shared_model.train import Span, make_generator, make_optimizer, pretrain_local, resolve_device
+from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays, strip_opacus
+from shared_model.wire import (
     FINETUNE,
     PHASE_KEY,
     PLAN_KEY,
@@ -28,23 +51,8 @@ from client.protocol import (
     TASK_KEY,
     outgoing_metrics,
 )
-from client.store import LocalStore
-from shared_model.config import (
-    FedCMRConfig,
-    HeadSharing,
-    PrivacyMode,
-    SSLMethod,
-    config_from_yaml,
-    secagg_enabled,
-)
-from shared_model.encoders import build_encoder, get_preset
-from shared_model.finetune import evaluate, finetune
-from shared_model.privacy import DPSettings, PrivacyError, epsilon_for, make_private
-from shared_model.ssl import build_ssl_model, federated_keys
-from shared_model.tasks import Task, TaskData, get_task
-from shared_model.tasks.models import build_task_model
-from shared_model.train import Span, derive_seed, make_generator, make_optimizer, pretrain_local, resolve_device
-from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays, strip_opacus
+
+FitReply = tuple[list[np.ndarray], int, dict[str, Scalar]]  # weights, example count, metrics
 
 STATE_TEACHER = "fedcmr.dino_teacher"
 STATE_HEAD = "fedcmr.head."
@@ -56,23 +64,13 @@ class BudgetError(RuntimeError):
     """A round this node will not train: it would exceed the node's privacy budget."""
 
 
-def plan_from_config(config: dict[str, object]) -> FedCMRConfig:
+def plan_from_config(config: Mapping[str, object]) -> FedCMRConfig:
     text = config.get(PLAN_KEY)
     if not isinstance(text, str):
         raise ValueError(f"instruction carries no '{PLAN_KEY}'; is the server a FedCMR server?")
     return config_from_yaml(text, source="server plan")
 
 
-def task_keys(model: torch.nn.Module, plan: FedCMRConfig) -> list[str]:
-    """Federated keys of a task model: the encoder, and the head unless heads stay local."""
-    prefixes = ("encoder.",) if plan.federation.heads == HeadSharing.local else ("encoder.", "head.")
-    return [k for k in model.state_dict() if k.startswith(prefixes)]
-
-
-def initial_task_model(plan: FedCMRConfig, task: Task) -> torch.nn.Module:
-    """The seeded task model both server and nodes start a fine-tuning phase from."""
-    torch.manual_seed(derive_seed(plan.seed, "head", task.name) % (2**31))
-    return build_task_model(task, build_encoder(plan.model.preset), plan.tasks.decoder_width)
 
 
 def store_holdout(store: LocalStore, plan: FedCMRConfig) -> list[str]:
@@ -93,6 +91,14 @@ def split_task_data(data: TaskData, plan: FedCMRConfig, holdout: list[str]) -> t
     return train, test
 
 
+def site_task_split(store: LocalStore, plan: FedCMRConfig, task: Task) -> tuple[TaskData, TaskData]:
+    """This node's (train, test) samples for a task: the series the task can use, split by
+    :func:`split_task_data` around the node's fixed hold-out (either may be empty)."""
+    data = task.build(series_from_store(store, task_series(store, task)),
+                      get_preset(plan.model.preset).image_size)
+    return split_task_data(data, plan, store_holdout(store, plan))
+
+
 def ssl_frames(store: LocalStore, size: int, exclude: list[str]) -> torch.Tensor:
     """Every frame of every series outside ``exclude`` as (N, 1, size, size) for pretraining."""
     from shared_model.tasks.base import resize_frames
@@ -100,7 +106,7 @@ def ssl_frames(store: LocalStore, size: int, exclude: list[str]) -> torch.Tensor
     frames = [store.load(key).reshape(-1, store.manifest.crop_px, store.manifest.crop_px)
               for key, record in sorted(store.manifest.series.items()) if record.subject not in exclude]
     if not frames:
-        raise ValueError("no unlabelled frames left for pretraining after the hold-out")
+        raise TaskDataError("no unlabelled frames left for pretraining after the hold-out")
     return resize_frames(np.concatenate(frames), size)
 
 
@@ -115,11 +121,11 @@ class FedCMRClient(NumPyClient):
 
     # ------------------------------------------------------------------ Flower entry points
 
-    def get_parameters(self, config: dict[str, object]) -> list[np.ndarray]:
+    def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
         raise RuntimeError("FedCMR servers send initial weights; nodes never supply them")
 
-    def fit(self, parameters: list[np.ndarray], config: dict[str, object]
-            ) -> tuple[list[np.ndarray], int, dict[str, float | int]]:
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]
+            ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         plan = plan_from_config(config)
         span = Span(float(config.get(SPAN_START_KEY, 0.0)), float(config.get(SPAN_END_KEY, 1.0)))
         gen = make_generator(plan.seed, "site", self.site_index, "round", int(config.get(ROUND_KEY, 0)))
@@ -130,22 +136,21 @@ class FedCMRClient(NumPyClient):
             return self._pretrain(parameters, plan, span, gen, mu)
         raise ValueError(f"unknown phase {config.get(PHASE_KEY)!r}")
 
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, object]
-                 ) -> tuple[float, int, dict[str, float | int]]:
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]
+                 ) -> tuple[float, int, dict[str, Scalar]]:
         plan = plan_from_config(config)
         task = get_task(str(config[TASK_KEY]))
         model = self._task_model(parameters, plan, task)
         _, test = self._split(plan, task)
         metrics = evaluate(model, task, test, self.device)
-        return float(metrics.pop("loss", 0.0)), max(len(test), 1), outgoing_metrics(
-            {**metrics, "site_index": self.site_index})
+        return float(metrics.pop("loss", 0.0)), max(len(test), 1), dict(outgoing_metrics(
+            {**metrics, "site_index": self.site_index}))
 
     # ------------------------------------------------------------------ phases
 
     def _pretrain(self, parameters: list[np.ndarray], plan: FedCMRConfig, span: Span,
-                  gen: torch.Generator, mu: float) -> tuple[list[np.ndarray], int, dict]:
-        torch.manual_seed(plan.seed)  # the server's initial weights, for whatever stays local
-        model = build_ssl_model(plan)
+                  gen: torch.Generator, mu: float) -> FitReply:
+        model = initial_ssl_model(plan)  # the server's initial weights, for whatever stays local
         local_head = plan.federation.ssl_head == HeadSharing.local
         keys = federated_keys(model, local_head)
         load_into(model, {**model.state_dict(), **arrays_to_state_dict(parameters, keys, model.state_dict())},
@@ -183,7 +188,7 @@ class FedCMRClient(NumPyClient):
         return self._reply(model.state_dict(), keys, len(images), plan, metrics)
 
     def _finetune(self, parameters: list[np.ndarray], plan: FedCMRConfig, task: Task, span: Span,
-                  gen: torch.Generator, mu: float) -> tuple[list[np.ndarray], int, dict]:
+                  gen: torch.Generator, mu: float) -> FitReply:
         model = self._task_model(parameters, plan, task)
         train, _ = self._split(plan, task)
         dp = self._dp_settings(plan) if plan.privacy.mode == PrivacyMode.sample else None
@@ -203,7 +208,7 @@ class FedCMRClient(NumPyClient):
     # ------------------------------------------------------------------ helpers
 
     def _reply(self, state: dict[str, torch.Tensor], keys: list[str], count: int, plan: FedCMRConfig,
-               metrics: dict[str, object]) -> tuple[list[np.ndarray], int, dict]:
+               metrics: dict[str, object]) -> FitReply:
         state = strip_opacus(state)  # weights leave without any DP-SGD wrapper's key prefix
         arrays = state_dict_to_arrays({k: state[k].detach().to("cpu", torch.float32) for k in keys}, keys)
         # Under user-level DP every site weighs the same (the noise is calibrated to that);
@@ -211,17 +216,15 @@ class FedCMRClient(NumPyClient):
         weight = 1 if plan.privacy.mode == PrivacyMode.user else count
         if secagg_enabled(plan):
             weight = min(weight, plan.federation.secagg.max_weight)
-        return arrays, weight, outgoing_metrics({**metrics, "site_index": self.site_index})
+        return arrays, weight, dict(outgoing_metrics({**metrics, "site_index": self.site_index}))
 
     def _split(self, plan: FedCMRConfig, task: Task) -> tuple[TaskData, TaskData]:
-        store = LocalStore.open(self.store_path)
-        data = task.build(series_from_store(store, task_series(store, task)),
-                          get_preset(plan.model.preset).image_size)
-        if len(data) == 0:
-            raise ValueError(f"this node has no labelled samples for task '{task.name}'")
-        return split_task_data(data, plan, store_holdout(store, plan))
+        train, test = site_task_split(LocalStore.open(self.store_path), plan, task)
+        if len(train) + len(test) == 0:
+            raise TaskDataError(f"this node has no labelled samples for task '{task.name}'")
+        return train, test
 
-    def _task_model(self, parameters: list[np.ndarray], plan: FedCMRConfig, task: Task) -> torch.nn.Module:
+    def _task_model(self, parameters: list[np.ndarray], plan: FedCMRConfig, task: Task) -> TaskModel:
         model = initial_task_model(plan, task)
         keys = task_keys(model, plan)
         load_into(model, {**model.state_dict(), **arrays_to_state_dict(parameters, keys, model.state_dict())},
@@ -241,18 +244,19 @@ class FedCMRClient(NumPyClient):
         state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(prefix)}
         self.context.state.array_records[key] = ArrayRecord(torch_state_dict=state)
 
-    def _restore_teacher(self, model: torch.nn.Module, plan: FedCMRConfig) -> None:
+    def _restore_teacher(self, model: SSLModel, plan: FedCMRConfig) -> None:
         """DINO local-EMA: continue this node's teacher; the first round starts it from the student."""
-        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher.value != "local_ema":
+        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher != TeacherMode.local_ema:
             return
         saved = self.context.state.array_records.get(STATE_TEACHER)
         if saved is None:
+            assert isinstance(model, DINO)
             model.reset_teacher()
         else:
             load_into(model, {**model.state_dict(), **saved.to_torch_state_dict()}, "local teacher")
 
     def _keep_teacher(self, model: torch.nn.Module, plan: FedCMRConfig) -> None:
-        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher.value != "local_ema":
+        if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher != TeacherMode.local_ema:
             return
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()
                  if k.startswith("teacher.") or k == "center"}

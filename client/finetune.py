@@ -1,8 +1,9 @@
 """Hospital-side fine-tuning and prediction with a FedCMR model bundle, on the node's store.
 
 ``finetune_on_store``: take a bundle (a release or a run folder), build the task's samples from
-the store, hold out whole subjects for testing, fine-tune, evaluate, and write a new bundle with
-the task head. ``predict_on_store``: run a bundle's task head over a store and write masks as
+the store, hold out whole subjects for testing, fine-tune and evaluate (``finetune_at_node``, the
+node's own fine-tuning session, which a simulated site's local fine-tuning runs too), and write a
+new bundle with the task head. ``predict_on_store``: run a bundle's task head over a store and write masks as
 NIfTI, landmarks and classes as JSON and CSV.
 """
 
@@ -31,13 +32,13 @@ from shared_model.bundle import (
     task_model_for,
     task_model_from_bundle,
 )
-from shared_model.config import FedCMRConfig, TaskArch
+from shared_model.config import FedCMRConfig, PrivacyMode, TaskArch
 from shared_model.encoders import get_preset
 from shared_model.files import atomic_write_bytes, atomic_write_text
-from shared_model.finetune import evaluate, finetune, predict_all
+from shared_model.finetune import FinetuneResult, evaluate, finetune, predict_all
 from shared_model.labels import parse_frame_key
 from shared_model.privacy import DPSettings
-from shared_model.tasks import SeriesData, Task, TaskKind, get_task
+from shared_model.tasks import SeriesData, Task, TaskData, TaskDataError, TaskKind, get_task
 from shared_model.train import CheckpointPolicy, make_generator, resolve_device
 
 
@@ -69,7 +70,7 @@ def held_out(subjects: Sequence[str], test_fraction: float, split_seed: int) -> 
     if test_fraction <= 0:
         return []
     if len(unique) < 2:
-        raise ValueError(f"need data from at least 2 subjects to hold one out for testing; "
+        raise TaskDataError(f"need data from at least 2 subjects to hold one out for testing; "
                          f"there are {len(unique)}")
     order = [unique[i] for i in torch.randperm(len(unique), generator=make_generator(split_seed, "holdout")).tolist()]
     n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
@@ -129,6 +130,16 @@ def task_series(store: LocalStore, task: Task) -> list[str]:
     return keys
 
 
+def finetune_at_node(model: torch.nn.Module, task: Task, train: TaskData, test: TaskData,
+                     cfg: FedCMRConfig, *, gen: torch.Generator, device: torch.device,
+                     dp: DPSettings | None = None,
+                     checkpoint: CheckpointPolicy | None = None) -> tuple[FinetuneResult, dict[str, float]]:
+    """A node's own fine-tuning session: train ``model`` on ``train`` (``cfg.tasks``), then
+    evaluate it on the held-out ``test`` subjects; returns the training result and the metrics."""
+    result = finetune(model, task, train, cfg.tasks, gen=gen, device=device, dp=dp, checkpoint=checkpoint)
+    return result, evaluate(model, task, test, device)
+
+
 def finetune_on_store(task_name: str, bundle_path: Path | None, store_path: Path | Sequence[Path],
                       out: Path, cfg: FedCMRConfig, label_budget: int = 0,
                       test_fraction: float = 0.3, resume: bool = True) -> FinetuneReport:
@@ -148,8 +159,8 @@ def finetune_on_store(task_name: str, bundle_path: Path | None, store_path: Path
     size = get_preset(cfg.model.preset).image_size
     data = task.build(pooled_series([Path(p) for p in stores], task), size)
     if len(data) == 0:
-        raise ValueError(f"{', '.join(map(str, stores))}: no labelled samples for task "
-                         f"'{task_name}'; ingest with --labels or use another task")
+        raise TaskDataError(f"{', '.join(map(str, stores))}: no labelled samples for task "
+                             f"'{task_name}'; ingest with --labels or use another task")
     train_ids, test_ids = split_subjects(data.subjects, label_budget, test_fraction, cfg.seed,
                                          cfg.tasks.split_seed)
     train = data.subset([i for i, s in enumerate(data.subjects) if s in train_ids])
@@ -159,15 +170,16 @@ def finetune_on_store(task_name: str, bundle_path: Path | None, store_path: Path
     dp = _dp_settings(cfg)
     checkpoint = CheckpointPolicy(out / "checkpoint.safetensors", every=50,
                                   fingerprint=f"{task_name}/{cfg.seed}/{len(train)}") if resume else None
-    result = finetune(model, task, train, cfg.tasks, gen=make_generator(cfg.seed, "finetune", task_name),
-                      device=device, dp=dp, checkpoint=checkpoint)
-    metrics = evaluate(model, task, test, device) if len(test) else {}
+    result, metrics = finetune_at_node(model, task, train, test, cfg,
+                                       gen=make_generator(cfg.seed, "finetune", task_name),
+                                       device=device, dp=dp, checkpoint=checkpoint)
+    metrics = metrics if len(test) else {}
     summary = {"task": task_name, "arch": cfg.tasks.arch.value, "train_subjects": len(train_ids),
                "test_subjects": len(test_ids), "train_samples": len(train),
                "test_samples": len(test), "metrics": metrics, "epsilon": result.epsilon,
                "delta": cfg.privacy.delta if dp else None, "steps": result.local.steps,
                "seconds": round(result.local.seconds, 1), "mode": cfg.tasks.mode.value}
-    save_task_bundle(out, cfg, task, model.cpu(), _json_safe(summary),
+    save_task_bundle(out, cfg, task, model.cpu(), {k: _json_safe(v) for k, v in summary.items()},
                      base=bundle if cfg.tasks.arch == TaskArch.fm else None)
     if checkpoint is not None:
         checkpoint.path.unlink(missing_ok=True)  # the session finished; the bundle is the result
@@ -182,7 +194,7 @@ def _input_size(bundle: Bundle) -> int:
 
 
 def _dp_settings(cfg: FedCMRConfig) -> DPSettings | None:
-    if cfg.privacy.mode.value != "sample":
+    if cfg.privacy.mode != PrivacyMode.sample:
         return None
     p = cfg.privacy
     return DPSettings(p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant)

@@ -22,11 +22,11 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
 from client.inference import ModelGrid, Segmenter, segment_stack
-from shared_model.labels import MASK_VALUES
 
 NNUNET_SUFFIX = "_0000.nii.gz"
 ORIENTATION_DECIMALS = 3  # frames whose orientation cosines agree to this are one stack
@@ -94,7 +94,7 @@ def predict_nnunet(segmenter: Segmenter, task: object, src: Path, out: Path) -> 
     for path in nnunet_images(src):
         case = path.name[: -len(NNUNET_SUFFIX)]
         try:
-            image = nibabel.load(str(path))
+            image = cast("nibabel.Nifti1Image", nibabel.load(str(path)))
             data = np.asanyarray(image.dataobj).astype(np.float32)
         except Exception:  # noqa: BLE001 - nibabel raises many types for damaged files
             counts["unreadable"] += 1
@@ -119,7 +119,7 @@ def predict_nnunet(segmenter: Segmenter, task: object, src: Path, out: Path) -> 
 
 @dataclass
 class DicomFrame:
-    dataset: object  # pydicom Dataset of the instance
+    dataset: Any  # pydicom Dataset of the instance
     frame: int  # 0-based frame of a multi-frame instance
     position: np.ndarray
     orientation: tuple[float, ...]
@@ -176,7 +176,7 @@ def frame_pixels(frame: DicomFrame) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
     ds = frame.dataset
-    pixels = ds.pixel_array  # type: ignore[attr-defined]
+    pixels = ds.pixel_array
     pixels = pixels[frame.frame] if pixels.ndim == 3 else pixels
     image = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from shared_model.errors import UserError
 from shared_model.files import atomic_write, atomic_write_text
 from shared_model.labels import parse_frame_key
 
@@ -87,7 +88,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, array, allow_pickle=False)
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A store that is missing, of another format, or inconsistent; the message says which."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.common import Parameters, ndarrays_to_parameters
@@ -26,7 +27,7 @@ def build_aggregator(cfg: FedCMRConfig, initial: list[np.ndarray], metrics_fn: M
     """The configured Flower strategy; it samples sites and combines their weights."""
     fed = cfg.federation
     assert fed.min_sites is not None
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_fit=fed.fraction_fit, fraction_evaluate=1.0 if evaluate else 0.0,
         min_fit_clients=fed.min_sites, min_evaluate_clients=fed.min_sites,
         min_available_clients=fed.min_sites, initial_parameters=ndarrays_to_parameters(initial),

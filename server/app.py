@@ -10,7 +10,6 @@ resumes from it with ``output.resume=true``. At the end it writes the release bu
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +21,15 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from client.federated import initial_task_model, task_keys
-from client.protocol import FINETUNE, PRETRAIN
 from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
 from server.ledger import PrivacyLedger
 from server.metrics import MetricsLog, weighted_mean
 from server.progress import RunProgress
 from server.release import write_release
+from server.run_status import Outcome, RunStatus, write_outcome
 from server.state import ServerState, load_state, save_state
 from server.strategy import BudgetExceeded, PhaseInfo, PhaseStrategy, RunPaused
-from server.workflows import timed_evaluate_workflow, timed_fit_workflow
+from server.workflows import Workflow, timed_evaluate_workflow, timed_fit_workflow
 from shared_model.config import (
     ConfigError,
     FedCMRConfig,
@@ -41,8 +39,8 @@ from shared_model.config import (
     secagg_enabled,
     with_overrides,
 )
-from shared_model.files import atomic_write_text
-from shared_model.ssl import build_ssl_model, federated_keys
+from shared_model.phase_models import initial_ssl_model, initial_task_model, task_keys
+from shared_model.ssl import federated_keys
 from shared_model.tasks import get_task
 from shared_model.weights import (
     arrays_to_state_dict,
@@ -51,10 +49,9 @@ from shared_model.weights import (
     select_prefix,
     state_dict_to_arrays,
 )
+from shared_model.wire import FINETUNE, PRETRAIN
 
 log = logging.getLogger(__name__)
-
-STATUS_FILE = "status.json"
 
 
 def config_from_run_config(run_config: dict[str, object]) -> FedCMRConfig:
@@ -87,13 +84,6 @@ def plan_phases(cfg: FedCMRConfig) -> list[PhaseSpec]:
     return phases
 
 
-@dataclass
-class Outcome:
-    run_dir: Path
-    status: str  # "released" | "paused" | "stopped"
-    detail: str = ""
-
-
 def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig,
                    phases: list[PhaseSpec] | None = None, release: bool = True) -> Outcome:
     if cfg.federation.min_sites is None:
@@ -117,31 +107,24 @@ def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig,
             if spec.label not in state.phases_done:
                 run_phase(grid, context, cfg, spec, state, ledger, metrics, progress)
         if not release:
-            return _finish(run_dir, Outcome(run_dir, "finished"))
+            return write_outcome(Outcome(run_dir, RunStatus.finished))
         bundle = write_release(run_dir, cfg, state, ledger, metrics.records)
-        return _finish(run_dir, Outcome(run_dir, "released", str(bundle)))
+        return write_outcome(Outcome(run_dir, RunStatus.released, str(bundle)))
     except RunPaused as exc:
-        return _finish(run_dir, Outcome(run_dir, "paused", str(exc)))
+        return write_outcome(Outcome(run_dir, RunStatus.paused, str(exc)))
     except BudgetExceeded as exc:
         log.error("%s", exc)
-        return _finish(run_dir, Outcome(run_dir, "stopped", str(exc)))
+        return write_outcome(Outcome(run_dir, RunStatus.stopped, str(exc)))
     finally:
         progress.close()
         metrics.close()
 
 
-def _finish(run_dir: Path, outcome: Outcome) -> Outcome:
-    atomic_write_text(run_dir / STATUS_FILE, json.dumps({"status": outcome.status,
-                                                         "detail": outcome.detail}, indent=1))
-    return outcome
-
-
 def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple[torch.nn.Module, list[str]]:
     """The model a phase trains, at its starting point, and its federated keys."""
     if spec.name == PRETRAIN:
-        torch.manual_seed(cfg.seed)
-        model = build_ssl_model(cfg)
-        return model, federated_keys(model, cfg.federation.ssl_head == HeadSharing.local)
+        ssl_model = initial_ssl_model(cfg)
+        return ssl_model, federated_keys(ssl_model, cfg.federation.ssl_head == HeadSharing.local)
     model = initial_task_model(cfg, get_task(spec.task))
     if spec.init_encoder:
         load_into(model.encoder, load_safetensors(spec.init_encoder)[0], spec.init_encoder)
@@ -152,6 +135,7 @@ def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple
 
 def build_workflow(cfg: FedCMRConfig) -> DefaultWorkflow:
     timeout = cfg.federation.round_timeout_s
+    fit: Workflow
     if secagg_enabled(cfg):
         sa = cfg.federation.secagg
         fit = SecAggPlusWorkflow(num_shares=sa.num_shares,

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from shared_model.cli_common import load_cli_config, print_config, print_presets, user_errors
+from shared_model.cli_edge import add_config_commands, user_errors
 
 app = typer.Typer(help="FedCMR consortium server: federated rounds, privacy budget, release.",
                   no_args_is_help=True, add_completion=False)
-
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="Config overrides as key=value")]
-
-
-@app.command("config")
-def show_config(config: Annotated[str, typer.Argument(help="Preset name or YAML path")] = "demo-cpu",
-                overrides: Overrides = None) -> None:
-    """Print the resolved config (preset + overrides), or the error that stops it."""
-    with user_errors():
-        print_config(load_cli_config(config, overrides))
-
-
-@app.command()
-def presets() -> None:
-    """List the encoder presets and their timm names."""
-    print_presets()
+add_config_commands(app)
 
 
 @app.command()
@@ -35,32 +20,25 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A federation's output.d
     from rich.console import Console
     from rich.table import Table
 
-    from server.app import STATUS_FILE
     from server.ledger import PrivacyLedger
-    from server.metrics import RunFileError, read_json_file, read_records
+    from server.metrics import RecordKind, RoundStatus, read_records
+    from server.run_status import read_outcome
     from server.state import CHECKPOINT_FILE, load_state
     from shared_model.config import RESOLVED_CONFIG_NAME, load_config
 
     with user_errors():
         console = Console()
-        outcome = run_dir / STATUS_FILE
-        state_text = "running or interrupted"
-        if outcome.is_file():
-            written = read_json_file(outcome, "restore it, or delete it (the run rewrites it "
-                                              "when it ends)")
-            if not isinstance(written, dict) or not isinstance(written.get("status"), str):
-                raise RunFileError(f"{outcome}: no 'status' field; restore it, or delete it (the "
-                                   "run rewrites it when it ends)")
-            state_text = written["status"]
-        console.print(f"status: {state_text}", highlight=False)
+        outcome = read_outcome(run_dir)
+        console.print(f"status: {outcome.status if outcome else 'running or interrupted'}", highlight=False)
         phases: dict[str, list[dict]] = {}
         for record in read_records(run_dir):
-            if record["kind"] == "fit":
+            if record["kind"] == RecordKind.fit:
                 phases.setdefault(record["phase"], []).append(record)
         table = Table("phase", "rounds", "aggregated", "skipped", "last round")
         for phase, records in phases.items():
-            table.add_row(phase, str(len(records)), str(sum(r["status"] == "aggregated" for r in records)),
-                          str(sum(r["status"] == "skipped" for r in records)), str(records[-1]["round"]))
+            table.add_row(phase, str(len(records)),
+                          str(sum(r["status"] == RoundStatus.aggregated for r in records)),
+                          str(sum(r["status"] == RoundStatus.skipped for r in records)), str(records[-1]["round"]))
         console.print(table)
         if (run_dir / CHECKPOINT_FILE).is_file():
             cfg = load_config(run_dir / RESOLVED_CONFIG_NAME)

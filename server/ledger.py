@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from shared_model.errors import UserError
 from shared_model.privacy import epsilon_for
 
 MECHANISMS = ("user", "sample")
 
 
-class LedgerError(ValueError):
+class LedgerError(UserError, ValueError):
     """A ledger text that cannot be read back; the message names the field."""
 
 

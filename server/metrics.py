@@ -9,9 +9,15 @@ import csv
 import io
 import json
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
@@ -31,16 +37,32 @@ def weighted_mean(items: list[tuple[int, dict[str, float | int]]]) -> dict[str, 
     return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
 
 
+class RecordKind(StrEnum):
+    fit = "fit"  # a training round
+    evaluate = "evaluate"  # an evaluation at every site
+
+
+class RoundStatus(StrEnum):
+    aggregated = "aggregated"
+    skipped = "skipped"  # too few valid replies: the global model stayed as it was
+    evaluated = "evaluated"
+
+
 @dataclass
 class RoundRecord:
     round: int  # global round number
     phase: str  # "pretrain", "finetune:<task>"
-    status: str  # "aggregated" | "skipped" (too few valid replies) | "evaluated"
+    status: RoundStatus
     seconds: float
     sites: dict[str, dict[str, float | int]]
     aggregate: dict[str, float | int | str | bool | bytes]
     excluded: dict[str, str] = field(default_factory=dict)
-    kind: str = "fit"  # "fit" | "evaluate"
+    kind: RecordKind = RecordKind.fit
+
+    @classmethod
+    def from_json(cls, record: dict) -> RoundRecord:
+        """A record as :func:`read_records` returns it."""
+        return cls(**{**record, "status": RoundStatus(record["status"]), "kind": RecordKind(record["kind"])})
 
 
 class MetricsLog:
@@ -50,8 +72,8 @@ class MetricsLog:
         self.run_dir = Path(run_dir)
         self.records: list[RoundRecord] = []
         if resume and (self.run_dir / METRICS_JSON).is_file():
-            self.records = [RoundRecord(**r) for r in read_records(self.run_dir)]
-        self._writer = None
+            self.records = [RoundRecord.from_json(r) for r in read_records(self.run_dir)]
+        self._writer: SummaryWriter | None = None
 
     def add(self, record: RoundRecord) -> None:
         self.records.append(record)
@@ -106,14 +128,15 @@ class MetricsLog:
         return buffer.getvalue()
 
 
-class RunFileError(ValueError):
+class RunFileError(UserError, ValueError):
     """A file of a run folder (metrics.json, status.json) that cannot be read; names the file."""
 
 
 _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "round": int, "phase": str, "status": str, "seconds": (int, float), "sites": dict,
     "aggregate": dict, "excluded": dict, "kind": str}
-_RECORD_DEFAULTS = {"excluded": {}, "kind": "fit"}
+_RECORD_DEFAULTS = {"excluded": {}, "kind": str(RecordKind.fit)}
+_RECORD_CHOICES: dict[str, type[StrEnum]] = {"status": RoundStatus, "kind": RecordKind}
 
 
 def read_json_file(path: Path, what: str) -> object:
@@ -145,5 +168,9 @@ def read_records(run_dir: str | Path) -> list[dict]:
             if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
                 raise RunFileError(f"{path}: record {i} field '{name}' is missing or of the "
                                    f"wrong type; {fix}")
+        for name, choices in _RECORD_CHOICES.items():
+            if record[name] not in {c.value for c in choices}:
+                raise RunFileError(f"{path}: record {i} field '{name}' is {record[name]!r}, not one of "
+                                   f"{', '.join(choices)}; {fix}")
         records.append(record)
     return records

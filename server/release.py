@@ -7,10 +7,11 @@ per-task results of the last evaluation, and the privacy ledger.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from server.ledger import PrivacyLedger
-from server.metrics import RoundRecord
+from server.metrics import RecordKind, RoundRecord, RoundStatus
 from server.state import ServerState
 from shared_model.bundle import ENCODER_FILE, TASKS_DIR, save_encoder, save_task_model
 from shared_model.config import FedCMRConfig, save_resolved_config, secagg_enabled
@@ -38,7 +39,7 @@ def write_release(run_dir: Path, cfg: FedCMRConfig, state: ServerState, ledger: 
     return out
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -51,7 +52,7 @@ def _fmt(value: object) -> str:
 def model_card(cfg: FedCMRConfig, state: ServerState, ledger: PrivacyLedger,
                records: list[RoundRecord]) -> str:
     preset = get_preset(cfg.model.preset)
-    fits = [r for r in records if r.kind == "fit"]
+    fits = [r for r in records if r.kind == RecordKind.fit]
     sites = sorted({s for r in fits for s in r.sites})
     phases: dict[str, list[RoundRecord]] = {}
     for r in fits:
@@ -73,7 +74,7 @@ def model_card(cfg: FedCMRConfig, state: ServerState, ledger: PrivacyLedger,
         f"differential privacy: {cfg.privacy.mode.value}",
         f"- sites that contributed: {len(sites)}",
         _table(["phase", "rounds aggregated", "rounds skipped", "sites per round (mean)"], [
-            [p, sum(r.status == "aggregated" for r in rs), sum(r.status == "skipped" for r in rs),
+            [p, sum(r.status == RoundStatus.aggregated for r in rs), sum(r.status == RoundStatus.skipped for r in rs),
              _fmt(sum(len(r.sites) for r in rs) / len(rs))] for p, rs in phases.items()]),
         "", "## Data (totals over all sites)", "", _data_table(phases),
         "", "## Results (last evaluation, example-weighted over sites)", "", _results_table(records),
@@ -99,7 +100,7 @@ def _data_table(phases: dict[str, list[RoundRecord]]) -> str:
 def _results_table(records: list[RoundRecord]) -> str:
     last: dict[str, RoundRecord] = {}
     for r in records:
-        if r.kind == "evaluate":
+        if r.kind == RecordKind.evaluate:
             last[r.phase] = r
     if not last:
         return "No federated evaluation was run."

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from shared_model.config import FedCMRConfig, OutputConfig, config_to_yaml
+from shared_model.errors import UserError
 from shared_model.weights import WeightsError, load_safetensors, save_safetensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedcmr-server-checkpoint"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message says why and what to do."""
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +36,12 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, Strategy
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.protocol import (
+from server.aggregators import set_current
+from server.ledger import LedgerEntry, PrivacyLedger
+from server.metrics import RecordKind, RoundRecord, RoundStatus
+from server.validation import UpdateBounds, update_problem
+from shared_model.config import FedCMRConfig, PrivacyMode, config_to_yaml, secagg_enabled
+from shared_model.wire import (
     PHASE_KEY,
     PLAN_KEY,
     ROUND_KEY,
@@ -45,11 +50,6 @@ from client.protocol import (
     TASK_KEY,
     outgoing_metrics,
 )
-from server.aggregators import set_current
-from server.ledger import LedgerEntry, PrivacyLedger
-from server.metrics import RoundRecord
-from server.validation import UpdateBounds, update_problem
-from shared_model.config import FedCMRConfig, PrivacyMode, config_to_yaml, secagg_enabled
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ class PhaseInfo:
 
 
 def site_name(proxy: ClientProxy, metrics: dict[str, Scalar]) -> str:
-    return f"site-{metrics['site_index']}" if "site_index" in metrics else f"node-{proxy.node_id}"
+    """``site-<i>`` from the allow-listed ``site_index`` metric, else the Flower node id."""
+    return f"site-{int(metrics['site_index'])}" if "site_index" in metrics else f"node-{proxy.node_id}"
 
 
 class PhaseStrategy(Strategy):
@@ -159,13 +160,13 @@ class PhaseStrategy(Strategy):
             set_current(self.inner, arrays)
         self._account(server_round, valid)
         self.current = arrays
-        self._record(server_round, valid, excluded, dict(aggregate), "aggregated")
+        self._record(server_round, valid, excluded, dict(aggregate), RoundStatus.aggregated)
         self.halt = self.on_round(self._global_round(server_round), arrays)
         return ndarrays_to_parameters(arrays), aggregate
 
     def _skip(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]],
               excluded: dict[str, str]) -> tuple[None, dict[str, Scalar]]:
-        self._record(server_round, valid, excluded, {}, "skipped")
+        self._record(server_round, valid, excluded, {}, RoundStatus.skipped)
         self.halt = self.on_round(self._global_round(server_round), self.current)
         return None, {}
 
@@ -184,12 +185,12 @@ class PhaseStrategy(Strategy):
                            failures: list) -> tuple[float | None, dict[str, Scalar]]:
         _keep_allowed_metrics(results)
         loss, aggregate = self.inner.aggregate_evaluate(self._phase_round(server_round), results, failures)
-        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, "loss": r.loss, **r.metrics}
-                 for p, r in results}
+        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, "loss": r.loss,
+                                           **outgoing_metrics(r.metrics)} for p, r in results}
         self.on_record(RoundRecord(
-            round=self._global_round(server_round), phase=self.phase.label, status="evaluated",
+            round=self._global_round(server_round), phase=self.phase.label, status=RoundStatus.evaluated,
             seconds=0.0, sites=sites, aggregate={**dict(aggregate), **({"loss": loss} if loss is not None else {})},
-            excluded={f"failure-{i}": _describe(f) for i, f in enumerate(failures)}, kind="evaluate"))
+            excluded={f"failure-{i}": _describe(f) for i, f in enumerate(failures)}, kind=RecordKind.evaluate))
         return loss, aggregate
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
@@ -266,18 +267,19 @@ class PhaseStrategy(Strategy):
                         float(res.metrics["dp_sample_rate"]), int(res.metrics["dp_steps"])))
 
     def _record(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]],
-                excluded: dict[str, str], aggregate: dict[str, Scalar], status: str) -> None:
-        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, **r.metrics} for p, r in valid}
+                excluded: dict[str, str], aggregate: dict[str, Scalar], status: RoundStatus) -> None:
+        sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, **outgoing_metrics(r.metrics)}
+                 for p, r in valid}
         self.on_record(RoundRecord(
             round=self._global_round(server_round), phase=self.phase.label, status=status,
             seconds=time.perf_counter() - self._started, sites=sites, aggregate=aggregate,
-            excluded=excluded, kind="fit"))
+            excluded=excluded, kind=RecordKind.fit))
 
 
-def _keep_allowed_metrics(results: list[tuple[ClientProxy, FitRes | EvaluateRes]]) -> None:
+def _keep_allowed_metrics(results: Sequence[tuple[ClientProxy, FitRes | EvaluateRes]]) -> None:
     """Whatever a node sent, only allow-listed finite scalars are kept, logged or aggregated."""
     for _, res in results:
-        res.metrics = outgoing_metrics(dict(res.metrics))
+        res.metrics = dict(outgoing_metrics(dict(res.metrics)))
 
 
 def _describe(failure: object) -> str:

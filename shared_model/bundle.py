@@ -30,6 +30,7 @@ from shared_model.config import (
     save_resolved_config,
 )
 from shared_model.encoders import build_encoder, get_preset
+from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
 from shared_model.tasks import Task
 from shared_model.tasks.models import build_task_model
@@ -49,7 +50,7 @@ TASKS_DIR = "tasks"
 METRICS_FILE = "metrics.json"
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle folder that is missing pieces or does not fit; the message says which."""
 
 
@@ -127,7 +128,8 @@ def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = Fals
 def start_from_decoder(model: torch.nn.Module, bundle: Bundle) -> int:
     """A dense task head from the bundle's pretrained decoder: every weight whose name and
     shape match (all but the output layer, whose classes are the task's). Returns how many."""
-    head = model.head  # type: ignore[attr-defined]
+    head = model.head
+    assert isinstance(head, torch.nn.Module)
     own = head.state_dict()
     matching = {k: v for k, v in bundle.decoder.items() if k in own and own[k].shape == v.shape}
     if matching:

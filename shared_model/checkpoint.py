@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
+from shared_model.errors import UserError
 from shared_model.weights import WeightsError, load_safetensors, save_safetensors
 
 FORMAT = "fedcmr-loop-checkpoint"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 

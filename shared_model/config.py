@@ -18,11 +18,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from shared_model.errors import UserError
+
 CONFIG_DIR_ENV = "FEDCMR_CONFIG_DIR"
 RESOLVED_CONFIG_NAME = "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; the message names the key and the source."""
 
 
@@ -403,7 +405,7 @@ def config_from_yaml(text: str, source: str) -> FedCMRConfig:
     """Parse a resolved config (e.g. one sent by the server or saved in a run folder)."""
     try:
         loaded = OmegaConf.create(text)
-    except Exception as exc:
+    except Exception as exc:  # yaml syntax errors come in many types; re-raised as ConfigError
         raise ConfigError(f"{source}: not valid YAML ({exc})") from exc
     merged = _merge(OmegaConf.structured(FedCMRConfig), loaded, source)
     cfg: FedCMRConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -472,7 +474,7 @@ def validate_config(cfg: FedCMRConfig) -> None:
              "a scenario needs at least one site (synthetic or in sim.real_sites)")
     _require(cfg.sim.subjects_per_site >= 1, "sim.subjects_per_site", "must be >= 1")
     _require(cfg.sim.cpus_per_site > 0, "sim.cpus_per_site", "must be > 0")
-    _require(all(b >= 0 for b in cfg.sim.label_budgets) and cfg.sim.label_budgets,
+    _require(all(b >= 0 for b in cfg.sim.label_budgets) and bool(cfg.sim.label_budgets),
              "sim.label_budgets", "must be a non-empty list of counts >= 0 (0: all)")
     _require(bool(cfg.sim.seeds), "sim.seeds", "must name at least one seed")
     unknown_baselines = set(cfg.sim.baselines) - {"local", "central", "scratch"}

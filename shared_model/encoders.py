@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -66,7 +66,7 @@ class ConvStem(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.output_fmt = output_fmt
         self.widths = [min(width * 2**i, 256) for i in range(levels)]
-        stages = [nn.Sequential(nn.Conv2d(in_chans, self.widths[0], 3, 1, 1, bias=False),
+        stages: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_chans, self.widths[0], 3, 1, 1, bias=False),
                                 _group_norm(self.widths[0]), nn.GELU(),
                                 ResidualBlock(self.widths[0], self.widths[0]))]
         stages += [ResidualBlock(self.widths[i - 1], self.widths[i], stride=2)
@@ -164,7 +164,8 @@ class Encoder(VisionTransformer):
     def skips(self) -> list[torch.Tensor]:
         return self.patch_embed.skips if isinstance(self.patch_embed, ConvStem) else []
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    # Not timm's forward(x, attn_mask): FedCMR's heads pass a mask of the patches to keep.
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if images.ndim == 5:
             out = self.forward(images.flatten(0, 1))
             return out.view(*images.shape[:2], *out.shape[1:])
@@ -173,7 +174,7 @@ class Encoder(VisionTransformer):
         if self.taps:
             maps = self.forward_intermediates(images, indices=list(self.taps), norm=False,
                                               output_fmt="NLC", intermediates_only=True)
-            return torch.stack(list(maps), dim=1)
+            return torch.stack(cast(list[torch.Tensor], maps), dim=1)  # intermediates_only: a list
         return self.forward_features(images)
 
     def _encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

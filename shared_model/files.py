@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` then fsync and rename onto ``path``.
 
     The temporary file lives in the target folder so the rename stays on one file system.
@@ -23,7 +23,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # even Ctrl-C: never leave a half-written temp file; re-raised
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)

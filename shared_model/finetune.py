@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 
@@ -26,7 +27,8 @@ from shared_model.augment import (
 )
 from shared_model.config import FinetuneMode, TasksConfig
 from shared_model.privacy import DPSettings, PrivacyError, make_private
-from shared_model.tasks.base import Task, TaskData, TaskKind
+from shared_model.tasks.base import Task, TaskData, TaskDataError, TaskKind
+from shared_model.tasks.models import TaskModel
 from shared_model.tasks.scoring import predict, task_loss, task_metrics
 from shared_model.train import (
     CheckpointPolicy,
@@ -59,21 +61,22 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def has_encoder(model: torch.nn.Module) -> bool:
+def has_encoder(model: torch.nn.Module) -> TypeGuard[TaskModel]:
     """Foundation-model task models have an ``encoder``; the supervised U-Net has none."""
-    return isinstance(getattr(model, "encoder", None), torch.nn.Module)
+    return isinstance(model, TaskModel)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """Parameter groups carrying ``lr_scale`` (layer-wise decay) and their weight decay."""
     if not has_encoder(model):
-        decay, flat = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for name, param in model.named_parameters():
             if param.requires_grad:
-                (flat if is_no_decay(name, param) else decay).append(param)
+                (no_decay if is_no_decay(name, param) else decay).append(param)
         return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-                {"params": flat, "weight_decay": 0.0, "lr_scale": 1.0}]
-    depth = len(model.encoder.blocks)  # type: ignore[attr-defined]
+                {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    depth = len(model.encoder.blocks)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -89,7 +92,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
 
 def set_encoder_trainable(model: torch.nn.Module, trainable: bool) -> None:
     if has_encoder(model):
-        model.encoder.requires_grad_(trainable)  # type: ignore[attr-defined]
+        model.encoder.requires_grad_(trainable)
 
 
 def augment_batch(task: Task, inputs: torch.Tensor, targets: torch.Tensor,
@@ -138,7 +141,7 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
              checkpoint: CheckpointPolicy | None = None, proximal_mu: float = 0.0) -> FinetuneResult:
     """Train ``model`` (an encoder + head from shared_model.tasks.models) on ``data``."""
     if len(data) == 0:
-        raise ValueError(f"no labelled samples for task '{task.name}'")
+        raise TaskDataError(f"no labelled samples for task '{task.name}'")
     mode = settings.mode if has_encoder(model) else FinetuneMode.full
     if dp is not None and mode == FinetuneMode.frozen_then_unfrozen:
         raise PrivacyError("DP-SGD fine-tuning supports tasks.mode=linear or full "
@@ -147,9 +150,11 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
     set_encoder_trainable(model, mode == FinetuneMode.full)
     data = absent_where_never_drawn(task, data)
     tensors = [data.inputs, data.targets] + ([data.valid] if data.valid is not None else [])
-    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.layer_decay),
-                                  lr=settings.lr)
+    adamw = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.layer_decay), lr=settings.lr)
     private = None
+    optimizer: torch.optim.Optimizer = adamw
+    batches: LoaderBatches | TensorBatches
+    train_model: torch.nn.Module
     if dp is not None:
         dataset = torch.utils.data.TensorDataset(*tensors)
         private = make_private(model, optimizer, dataset, settings.batch_size, dp, gen, dp_history)
@@ -179,8 +184,8 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
             set_encoder_trainable(model, step >= frozen_steps)
 
     train_model.train()
-    if mode == FinetuneMode.linear:
-        model.encoder.eval()  # type: ignore[attr-defined]  # frozen features, no drop-path
+    if mode == FinetuneMode.linear and has_encoder(model):
+        model.encoder.eval()  # frozen features, no drop-path
     try:
         local = run_steps(train_model, batches, step_fn, optimizer=optimizer, steps=settings.steps,
                           base_lr=settings.lr, device=device, gen=gen, span=span,

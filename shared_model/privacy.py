@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np
 import torch
 
-
+from shared_model.errors import UserError
 
 
 def _opacus():  # noqa: ANN202
@@ -35,7 +34,7 @@ def _opacus():  # noqa: ANN202
     return opacus
 
 
-class PrivacyError(ValueError):
+class PrivacyError(UserError, ValueError):
     """A model or setting DP-SGD cannot honour; the message says what to change."""
 
 
@@ -51,7 +50,7 @@ class DPSettings:
 class PrivateTraining:
     """What ``make_private`` returns: wrapped model/optimizer/loader and the engine."""
 
-    model: torch.nn.Module
+    model: Any  # opacus.GradSampleModule around the model
     optimizer: torch.optim.Optimizer
     loader: torch.utils.data.DataLoader
     engine: Any  # opacus.PrivacyEngine
@@ -78,7 +77,7 @@ def check_dp_compatible(model: torch.nn.Module) -> None:
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 dataset: torch.utils.data.Dataset, batch_size: int, settings: DPSettings,
+                 dataset: torch.utils.data.TensorDataset, batch_size: int, settings: DPSettings,
                  gen: torch.Generator, history: list[list[float]] | None = None) -> PrivateTraining:
     """Wrap for DP-SGD; ``history`` restores a previous accountant state (after a resume)."""
     check_dp_compatible(model)

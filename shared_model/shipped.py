@@ -56,7 +56,7 @@ def default_model() -> Path:
 def _first_paragraph(text: str) -> str:
     lines = [line.strip() for line in text.splitlines()]
     body = [line for line in lines if line and not line.startswith("#")]
-    paragraph = []
+    paragraph: list[str] = []
     for line in lines:
         if line.startswith("#"):
             continue

@@ -18,8 +18,13 @@ from pathlib import Path
 import torch
 
 from shared_model.checkpoint import CheckpointError, LoopState, load_loop_state, save_loop_state
+from shared_model.errors import UserError
 from shared_model.privacy import PrivateTraining
 from shared_model.ssl.base import SSLModel
+
+
+class DeviceError(UserError, RuntimeError):
+    """A device the config asks for that this machine does not have."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,7 +33,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' was requested but CUDA is not available; "
+        raise DeviceError(f"device '{name}' was requested but CUDA is not available; "
                            "set device=cpu or device=auto")
     return device
 
@@ -131,7 +136,7 @@ class Span:
     start: float = 0.0
     end: float = 1.0
 
-    def at(self, step: int, steps: int) -> float:
+    def at(self, step: float, steps: int) -> float:
         return self.start + (self.end - self.start) * step / max(steps, 1)
 
 
@@ -315,7 +320,7 @@ def pretrain_local(model: SSLModel, images: torch.Tensor, *, steps: int, batch_s
         return (loss + prox() if prox else loss), stats
 
     batches = LoaderBatches(private.loader) if private else TensorBatches([images], batch_size, gen)
-    return run_steps(trained, batches, step_fn,  # type: ignore[arg-type]
+    return run_steps(trained, batches, step_fn,
                      optimizer=private.optimizer if private else optimizer, steps=steps,
                      base_lr=base_lr, device=device, gen=gen, span=span,
                      accumulate=1 if private else accumulate,
@@ -326,7 +331,8 @@ def pretrain_local(model: SSLModel, images: torch.Tensor, *, steps: int, batch_s
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW without weight decay on biases, norms, tokens and position embeddings."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
+from shared_model.errors import UserError
 from shared_model.files import atomic_write_bytes
 
 StateDict = dict[str, torch.Tensor]
@@ -22,7 +23,7 @@ StateDict = dict[str, torch.Tensor]
 OPACUS_PREFIX = "_module."
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that do not fit the model they are meant for."""
 
 

@@ -77,7 +77,8 @@ def chest_signal(anat: Anatomy, frame: HeartFrame, plane: Plane, contrasts: np.n
     return signal
 
 
-def _mediastinum(anat: Anatomy, x, y, above, a, b, s) -> tuple[np.ndarray, np.ndarray]:
+def _mediastinum(anat: Anatomy, x: np.ndarray, y: np.ndarray, above: np.ndarray, a: np.ndarray,
+                 b: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Signed distance of the soft-tissue column from sternum to spine between the lungs, and
     the (smooth-edged) coverage of the fatty envelope around the heart."""
     ref, length = anat.epi_radius_mm, anat.lv_length_mm

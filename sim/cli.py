@@ -9,19 +9,18 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from shared_model.cli_common import load_cli_config, print_config, user_errors
+from shared_model.cli_edge import Overrides, add_config_commands, load_cli_config, user_errors
 from shared_model.config import ConfigError
 
 app = typer.Typer(help="Simulate FedCMR federations of virtual hospital sites.",
                   no_args_is_help=True, add_completion=False)
+add_config_commands(app)
 console = Console()
-
-Overrides = Annotated[Optional[list[str]], typer.Argument(
-    help="Config overrides as key=value, e.g. federation.rounds=3 sim.sites=3")]
 
 
 def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume: bool) -> None:
     from server.metrics import METRICS_CSV, METRICS_JSON
+    from server.run_status import RunStatus
     from shared_model.config import RESOLVED_CONFIG_NAME, with_overrides
     from sim.runner import run_federation
     from sim.scenario import prepare_sites
@@ -35,17 +34,17 @@ def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume
                           f"than the {len(sites)} simulated sites")
     cfg = with_overrides(cfg, [f"sim.sites={len(sites)}", "sim.real_sites=[]",
                                f"federation.min_sites={cfg.federation.min_sites or len(sites)}"])
-    status = run_federation(cfg, out / "sites")
+    outcome = run_federation(cfg, out / "sites")
     elapsed = time.perf_counter() - start
-    if status["status"] != "released":
-        console.print(f"federation {status['status']} after {elapsed:.0f} s: {status['detail']}",
+    if outcome.status != RunStatus.released:
+        console.print(f"federation {outcome.status} after {elapsed:.0f} s: {outcome.detail}",
                       soft_wrap=True, highlight=False)
-        if status["status"] == "stopped":
+        if outcome.status == RunStatus.stopped:
             raise typer.Exit(1)
         return
     console.print(f"federation finished in {elapsed:.0f} s; outputs:")
     for name, path in (("resolved config", out / RESOLVED_CONFIG_NAME),
-                       ("release (encoder, tasks, model card)", Path(status["detail"])),
+                       ("release (encoder, tasks, model card)", Path(outcome.detail)),
                        ("per-round metrics", out / METRICS_JSON),
                        ("per-round metrics, CSV", out / METRICS_CSV),
                        ("TensorBoard", out / "tensorboard")):
@@ -53,7 +52,8 @@ def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume
 
 
 def _scenario(preset: str | Path, out: Path, overrides: list[str] | None) -> None:
-    from sim.scenario import RESULTS_FILE, run_scenario
+    from sim.results import RESULTS_FILE
+    from sim.scenario import run_scenario
 
     cfg = load_cli_config(preset, overrides, out=out)
     start = time.perf_counter()
@@ -95,14 +95,6 @@ def federate(config: Annotated[str, typer.Argument(help="Preset name or YAML pat
         _federate(config, out, overrides, resume)
 
 
-@app.command("config")
-def show_config(config: Annotated[str, typer.Argument(help="Preset name or YAML path")] = "demo-cpu",
-                overrides: Overrides = None) -> None:
-    """Print the resolved config (preset + overrides), or the error that stops it."""
-    with user_errors():
-        print_config(load_cli_config(config, overrides))
-
-
 @app.command()
 def cohort(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the cohort into (DICOM "
@@ -132,8 +124,7 @@ def cohort(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from shared_model.cli_common import console as error_console
-    from sim.cohort import CohortError, plan_jobs, write_cohort
+    from sim.cohort import SubjectResult, plan_jobs, write_cohort
     from sim.study import StudyOptions
 
     with user_errors():
@@ -146,20 +137,14 @@ def cohort(
         with Progress(*columns, console=console, auto_refresh=False) as progress:
             task = progress.add_task(f"writing {sites} sites", total=total)
 
-            def done(result) -> None:
+            def done(result: SubjectResult) -> None:
                 nonlocal frames
                 frames += result.frames
                 progress.advance(task)
                 progress.refresh()  # no refresh thread: worker processes are forked
 
-            try:
-                summary = write_cohort(out, sites, subjects_per_site, seed, options,
-                                       workers=workers, overwrite=overwrite, on_subject=done)
-            except CohortError as exc:
-                progress.stop()
-                error_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True,
-                                    highlight=False)
-                raise typer.Exit(2) from None
+            summary = write_cohort(out, sites, subjects_per_site, seed, options,
+                                   workers=workers, overwrite=overwrite, on_subject=done)
         elapsed = time.perf_counter() - start
         console.print(f"cohort of {total} subjects ({frames} frames) written to {out} in "
                       f"{elapsed:.1f} s", soft_wrap=True, highlight=False)

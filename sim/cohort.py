@@ -71,11 +71,13 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from shared_model.errors import UserError
 from shared_model.labels import DISEASES
 from sim.dicom_export import (SeriesHeader, cohort_uid, plant_identity, series_description,
                               write_classic, write_enhanced)
@@ -89,7 +91,7 @@ SERIES_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID", "sequence", "view", "
 LANDMARK_COLUMNS = ("SOPInstanceUID", "frame", "landmark", "row", "col")
 
 
-class CohortError(ValueError):
+class CohortError(UserError, ValueError):
     """A cohort request that cannot be written as asked; the message says why."""
 
 
@@ -216,6 +218,7 @@ def mask_affine(series: SeriesData, order: np.ndarray, thickness_mm: float) -> n
 
 def write_mask(path: Path, series: SeriesData, thickness_mm: float) -> None:
     """The series' masks as uint8 NIfTI, data[col, row, slice, phase] (see module docstring)."""
+    assert series.masks is not None  # only labelled series get a mask file
     normal = series.planes[0].normal
     order = np.argsort([float(p.position @ normal) for p in series.planes], kind="stable")
     data = series.masks[order][:, _phase_order(series)]
@@ -276,7 +279,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _pool_context():
+def _pool_context() -> BaseContext:
     """Fork on Linux (workers start before the pool's own thread; the caller must not run other
     threads, e.g. a self-refreshing progress bar), spawn elsewhere."""
     return get_context("fork" if sys.platform.startswith("linux") else "spawn")

@@ -24,7 +24,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
 from sim.planes import Plane
@@ -141,7 +141,10 @@ def plant_identity(rng: np.random.Generator, seed: int, site_index: int, subject
     study_date = dt.date(2023, 1, 2) + dt.timedelta(days=int(rng.integers(0, 700)))
     age = int(rng.integers(19, 85))
     birth = study_date - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 364)))
-    digits = lambda n: "".join(str(d) for d in rng.integers(0, 10, n))  # noqa: E731
+
+    def digits(n: int) -> str:
+        return "".join(str(d) for d in rng.integers(0, 10, size=n).tolist())
+
     return StudyIdentity(
         site_index=site_index, subject_index=subject_index,
         patient_name=f"{family}-{tag}{num}^{given}", patient_id=f"{tag}-MRN-{num}{digits(5)}",
@@ -282,10 +285,10 @@ def _series_common(ds: Dataset, series: SeriesData, head: SeriesHeader, site: Si
 def _file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.8.498.1")
     meta.ImplementationVersionName = "FEDCMR_SIM_1"
     return meta
 
@@ -322,7 +325,7 @@ def _frame_time(series: SeriesData, head: SeriesHeader, k: int, s: int, t: int) 
     return head.start_s + 14.0 * k + series.trigger_ms[s, t] / 1000
 
 
-def _encode(elem) -> bytes:
+def _encode(elem: DataElement) -> bytes:
     """One data element as Explicit VR Little Endian bytes (pydicom's own encoder)."""
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
@@ -339,7 +342,7 @@ class ClassicWriter:
     the elements all frames share are encoded once, per slice and per frame only their own
     (position; UID, timing, pixels), merged in tag order behind the preamble and file meta."""
 
-    def __init__(self, shared: Dataset):
+    def __init__(self, shared: Dataset) -> None:
         self.shared = _encode_all(shared)
         meta = _file_meta(MR_IMAGE_STORAGE, "1.2")
         self.meta = _encode_all(meta)
@@ -398,7 +401,7 @@ def write_classic(root: Path, series: SeriesData, head: SeriesHeader, site: Site
     return refs
 
 
-def _item(**elements) -> Dataset:
+def _item(**elements: object) -> Dataset:
     item = Dataset()
     for keyword, value in elements.items():
         setattr(item, keyword, value)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -236,7 +237,7 @@ def _epi_scale(anat: Anatomy, r: float, l_endo: float, c: float, myo_volume: flo
     return 0.5 * (lo + hi)
 
 
-def _lv_motion(anat: Anatomy, f: float) -> dict[str, float]:
+def _lv_motion(anat: Anatomy, f: float) -> dict[str, Any]:
     k = LV_CENTRE_FRACTION
     l0 = anat.lv_length_mm / (1 + k)
     r0 = anat.lv_radius_mm
@@ -310,7 +311,8 @@ def end_systolic_phase(anat: Anatomy, num_phases: int) -> int:
 
 # --- signed distances (mm, negative inside) -------------------------------------------------
 
-def _ellipsoid_sd(da, db, ds, axes) -> np.ndarray:
+def _ellipsoid_sd(da: np.ndarray, db: np.ndarray, ds: np.ndarray,
+                  axes: tuple[float, float, float]) -> np.ndarray:
     """Approximate signed distance to an axis-aligned ellipsoid (exact zero set)."""
     ra, rb, rs = axes
     k0 = np.sqrt((da / ra) ** 2 + (db / rb) ** 2 + (ds / rs) ** 2)
@@ -322,6 +324,7 @@ def _ellipsoid_sd(da, db, ds, axes) -> np.ndarray:
 def _territory_weight(anat: Anatomy, st: HeartState, cos_d: np.ndarray, s: np.ndarray,
                       ramp_deg: float = 20.0) -> np.ndarray:
     """1 inside the scar territory, falling smoothly to 0 outside (angle and long axis)."""
+    assert anat.scar is not None  # called for subjects with a scar only
     centre, half, lo, hi = TERRITORIES[anat.scar.territory]
     c_in, c_out = math.cos(math.radians(half)), math.cos(math.radians(half + ramp_deg))
     ang = np.clip((cos_d - c_out) / (c_in - c_out), 0.0, 1.0)
@@ -388,7 +391,8 @@ def heart_distances(anat: Anatomy, st: HeartState, a: np.ndarray, b: np.ndarray,
                           aorta - AORTIC_WALL_MM, fat, scar)
 
 
-def _atrial_distances(st: HeartState, a, b, s) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _atrial_distances(st: HeartState, a: np.ndarray, b: np.ndarray,
+                      s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LA and RA cavities (beyond the base plane, either side of the atrial septum), walls."""
     above_base = s - st.s_base
     la_sd = _ellipsoid_sd(a - st.la_centre[0], b - st.la_centre[1], s - st.la_centre[2],
@@ -402,14 +406,14 @@ def _atrial_distances(st: HeartState, a, b, s) -> tuple[np.ndarray, np.ndarray, 
     return la, ra, walls
 
 
-def _spheroid_sd(rho, z, r, length) -> np.ndarray:
+def _spheroid_sd(rho: np.ndarray, z: np.ndarray, r: np.ndarray | float, length: float) -> np.ndarray:
     k0 = np.sqrt((rho / r) ** 2 + (z / length) ** 2)
     k1 = np.sqrt((rho / r**2) ** 2 + (z / length**2) ** 2)
     eps = 1e-6
     return (k0 - 1) * (k0 + eps) / (k1 + eps / np.minimum(r, length))
 
 
-def _tube_sd(st: HeartState, a, b, s) -> np.ndarray:
+def _tube_sd(st: HeartState, a: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Distance to the aortic tube (a capsule from the aortic root along ``aorta_dir``)."""
     p0, u = st.aorta_start, st.aorta_dir
     da, db, ds = a - p0[0], b - p0[1], s - p0[2]
@@ -418,8 +422,10 @@ def _tube_sd(st: HeartState, a, b, s) -> np.ndarray:
     return off - st.aorta_radius
 
 
-def _scar_sd(anat, st, a, b, s, rho, r_endo, r_epi, z, epi) -> np.ndarray:
+def _scar_sd(anat: Anatomy, st: HeartState, a: np.ndarray, b: np.ndarray, s: np.ndarray, rho: np.ndarray,
+             r_endo: np.ndarray, r_epi: np.ndarray, z: np.ndarray, epi: np.ndarray) -> np.ndarray:
     """Scar: myocardium of the territory within ``transmurality`` of the wall from inside."""
+    assert anat.scar is not None  # called for subjects with a scar only
     centre, half, lo, hi = TERRITORIES[anat.scar.territory]
     c0 = math.radians(centre)
     cos_d = (a * math.cos(c0) + b * math.sin(c0)) / rho
@@ -516,7 +522,7 @@ def lv_apex_point(st: HeartState) -> np.ndarray:
     return np.array([0.0, 0.0, st.lv_centre_s + st.l_epi])
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     """Rendering moved to ``sim.render``; keep ``sim.phantom.render_sax`` & co. importable."""
     if name in ("Acquisition", "render_sax", "rician", "bias_field", "Contrast", "BSSFP_CINE"):
         from sim import render

@@ -28,7 +28,7 @@ __all__ = ["Acquisition", "PlaneRenderer", "plane_labels", "render_sax", "magnit
 class PlaneRenderer:
     """Frames of one plane of one subject, for ``contrasts`` (contrasts, tissues) at once."""
 
-    def __init__(self, anat: Anatomy, plane: Plane, contrasts: np.ndarray):
+    def __init__(self, anat: Anatomy, plane: Plane, contrasts: np.ndarray) -> None:
         self.anat, self.plane = anat, plane
         self.contrasts = np.asarray(contrasts, dtype=np.float32)
         frame = heart_frame(anat)

@@ -7,25 +7,29 @@ hospital runs; the ServerApp is the consortium's. Only the engine differs from a
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from shared_model.config import FedCMRConfig
+
+if TYPE_CHECKING:
+    from flwr.app import Context
+
+    from server.run_status import Outcome
 
 log = logging.getLogger(__name__)
 
 
-def site_store(sites_root: Path, index: int) -> Path:
-    return sites_root / f"site-{index}" / "store"
-
-
 # Ray puts AF_UNIX sockets ~70 characters below its temp dir; the kernel allows 107 in all.
 RAY_TMPDIR_MAX_CHARS = 36
+RAY_EXIT_S = 30.0  # how long Ray's processes get to exit after shutdown
 
 
 @contextlib.contextmanager
@@ -44,10 +48,11 @@ def ray_tmpdir(run_dir: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def flower_environment(run_dir: Path) -> Iterator[None]:
-    """Run-local Flower/Ray folders, no runtime dependency installs; restored afterwards."""
+def flower_environment(run_dir: Path) -> Iterator[Path]:
+    """Run-local Flower/Ray folders, no runtime dependency installs; restored afterwards.
+    Yields Ray's temp folder, which every Ray process of the run carries as RAY_TMPDIR."""
     with ray_tmpdir(run_dir) as ray_dir, _environment(run_dir, ray_dir):
-        yield
+        yield ray_dir
 
 
 @contextlib.contextmanager
@@ -76,47 +81,71 @@ def _environment(run_dir: Path, ray_dir: Path) -> Iterator[None]:
 
 
 def run_federation(cfg: FedCMRConfig, sites_root: Path, extra_mods: list | None = None,
-                   phases: list | None = None, release: bool = True) -> dict:
+                   phases: list | None = None, release: bool = True) -> Outcome:
     """Federate ``cfg.sim.sites`` simulated nodes whose stores live under ``sites_root``.
 
-    Returns the run's status (``status.json``: released, paused or stopped, and why).
+    Returns how the run ended (its ``status.json``: released, finished, paused or stopped, and
+    why).
     ``extra_mods`` are added to every node's ClientApp (fault injection in tests).
     """
     from flwr.simulation import run_simulation
 
-    from client.app import NodeSettings, build_client_app
-    from server.app import STATUS_FILE, build_server_app
+    from client.app import build_client_app
+    from client.node_settings import NodeSettings, simulated_node_settings
+    from server.app import build_server_app
+    from server.run_status import read_outcome
 
-    def settings_for(context) -> NodeSettings:  # noqa: ANN001 - flwr Context
-        index = int(context.node_config["partition-id"])
-        return NodeSettings(store=site_store(sites_root, index), device=cfg.device,
-                            site_index=index, threads=max(1, int(cfg.sim.cpus_per_site)))
+    def settings_for(context: Context) -> NodeSettings:
+        return simulated_node_settings(sites_root, int(context.node_config["partition-id"]),
+                                       device=cfg.device, threads=max(1, int(cfg.sim.cpus_per_site)))
 
     run_dir = Path(cfg.output.dir)
-    backend_config = {
+    backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cfg.sim.cpus_per_site, "num_gpus": 0.0},
         # Ray's own services bind the loopback address only (its default is the host's routable IP).
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                       "configure_logging": False, "_node_ip_address": "127.0.0.1"},
     }
-    with flower_environment(run_dir):
+    with flower_environment(run_dir) as ray_dir:
         try:
             run_simulation(server_app=build_server_app(cfg, phases, release),
                            client_app=build_client_app(settings_for, extra_mods),
                            num_supernodes=cfg.sim.sites, backend_config=backend_config)
         finally:
-            _stop_ray()
-    status = run_dir / STATUS_FILE
-    if not status.is_file():
+            _stop_ray(ray_dir)
+    outcome = read_outcome(run_dir)
+    if outcome is None:
         raise RuntimeError(f"the federation ended without a status; see the log above ({run_dir})")
-    return json.loads(status.read_text(encoding="utf-8"))
+    return outcome
 
 
-def _stop_ray() -> None:
-    """Ray is Flower's to stop; make sure of it even when the run failed midway."""
+def _stop_ray(ray_dir: Path) -> None:
+    """Ray is Flower's to stop; make sure of it even when the run failed midway, and wait until
+    the run's Ray processes (GCS, raylet, workers, Flower's actors) have exited: shutdown
+    returns while workers are still winding down, and the next run would share the cores.
+
+    Flower's backend shuts Ray down itself, leaving the workers to the init process; they are
+    found by the RAY_TMPDIR they inherited, which is this run's own folder.
+    """
     try:
         import ray
     except ImportError:
         return
     if ray.is_initialized():
         ray.shutdown()
+    _, alive = psutil.wait_procs(_ray_processes(ray_dir), timeout=RAY_EXIT_S)
+    for proc in alive:
+        log.warning("Ray process %d did not exit after shutdown; killing it", proc.pid)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _ray_processes(ray_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("RAY_TMPDIR") == str(ray_dir):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found

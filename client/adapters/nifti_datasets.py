@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -135,7 +136,7 @@ def find_mnms_cases(src: Path, labels: Path | None = None) -> tuple[list[NiftiCa
 def _load(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     import nibabel
 
-    image = nibabel.load(str(path))
+    image = cast("nibabel.Nifti1Image", nibabel.load(str(path)))
     return np.asanyarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms())
 
 
@@ -222,7 +223,7 @@ def ingest_nifti(options: IngestOptions, fmt: str) -> IngestSummary:
     index = IntakeIndex.load(options.store)
     files = list_files(options.src, exclude=[options.store])
     if fmt == "acdc":
-        cases, metadata = find_acdc_cases(options.src), []
+        cases, metadata = find_acdc_cases(options.src), list[Path]()
     else:
         cases, metadata = find_mnms_cases(options.src, options.labels)
     summary = IngestSummary(format=fmt)

@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -196,7 +197,7 @@ def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     import nibabel
 
     try:
-        image = nibabel.load(str(path))
+        image = cast("nibabel.Nifti1Image", nibabel.load(str(path)))
         data = np.asanyarray(image.dataobj)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged files
         raise ValueError("unreadable_nifti") from exc

@@ -130,7 +130,8 @@ def _series_labels(headers: dict[int, dict], contours: dict[str, dict[int, Path]
     rows, cols = next(iter(headers.values()))["matrix"]
     mask = np.zeros((S, T, rows, cols), dtype=np.uint8)
     labels = SeriesLabels(classes={"sequence": "cine", "view": "sax"})
-    ed_phases, es_phases = Counter(), Counter()
+    ed_phases: Counter[int] = Counter()
+    es_phases: Counter[int] = Counter()
     for instance, path in contours["i"].items():
         if instance not in grid:
             problems["contour_without_image"] += 1

@@ -31,8 +31,14 @@ from dicognito.anonymizer import Anonymizer
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
 
+from shared_model.errors import UserError
+
 SECRET_PATH = Path("intake") / "secret"
 _CACHE_LIMIT = 100_000
+
+
+class SecretError(UserError, ValueError):
+    """A store's de-identification secret that cannot be used; says how to recover."""
 
 
 def load_or_create_secret(store_root: str | Path) -> str:
@@ -44,8 +50,8 @@ def load_or_create_secret(store_root: str | Path) -> str:
     except FileExistsError:
         text = path.read_text(encoding="ascii").strip()
         if len(text) < 32:
-            raise ValueError(f"{path}: de-identification secret is damaged; restore it from a "
-                             "backup or ingest into a new store folder") from None
+            raise SecretError(f"{path}: de-identification secret is damaged; restore it from a "
+                              "backup or ingest into a new store folder") from None
         return text
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         handle.write(secrets.token_hex(32))

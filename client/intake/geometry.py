@@ -48,7 +48,7 @@ def axis_taps(n_in: int, spacing_in: float, n_out: int,
     (zero padding). The output is centred on original pixel ``centre_in`` (default: the image
     centre, the store's grid).
     """
-    centres = from_store(np.arange(n_out, dtype=np.float64), n_in, spacing_in, n_out, spacing_out)
+    centres = np.asarray(from_store(np.arange(n_out, dtype=np.float64), n_in, spacing_in, n_out, spacing_out))
     if centre_in is not None:
         centres = centres + (centre_in - (n_in - 1) / 2.0)
     width = max(1.0, spacing_out / spacing_in)
@@ -91,7 +91,7 @@ def resample_image(image: np.ndarray, spacing: tuple[float, float], crop_px: int
 @lru_cache(maxsize=64)
 def nearest_indices(n_in: int, spacing_in: float, n_out: int, spacing_out: float) -> np.ndarray:
     """For each store pixel, the nearest original pixel index, or -1 outside the image."""
-    centres = from_store(np.arange(n_out, dtype=np.float64), n_in, spacing_in, n_out, spacing_out)
+    centres = np.asarray(from_store(np.arange(n_out, dtype=np.float64), n_in, spacing_in, n_out, spacing_out))
     index = np.floor(centres + 0.5).astype(np.int64)
     index[(index < 0) | (index >= n_in)] = -1
     index.setflags(write=False)

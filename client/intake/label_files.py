@@ -22,13 +22,14 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from client.intake.deid import Pseudonymiser
 from client.intake.geometry import point_to_store, resample_mask
 from client.intake.series import BuiltSeries
+from shared_model.errors import UserError
 from shared_model.labels import (
     DISEASES,
     LANDMARKS,
@@ -43,7 +44,7 @@ Frame2 = tuple[int, int]  # (slice, phase)
 ALLOWED_MASK_VALUES = frozenset({0, *MASK_VALUES.values()})
 
 
-class LabelFileError(ValueError):
+class LabelFileError(UserError, ValueError):
     """A label folder that cannot be used at all (missing header columns); names file and fix."""
 
 
@@ -144,7 +145,7 @@ def _mask_loader(path: Path) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         import nibabel
 
-        data = np.asarray(nibabel.load(str(path)).dataobj)
+        data = np.asarray(cast("nibabel.Nifti1Image", nibabel.load(str(path))).dataobj)
         if data.ndim == 3:
             data = data[..., None]
         if data.ndim != 4:
@@ -161,7 +162,7 @@ def read_label_folder(folder: str | Path, pseudonymiser: Pseudonymiser) -> NodeL
     """Read ``series.csv``, ``studies.csv``, ``landmarks.csv`` and ``masks/`` (each optional)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"label folder {folder} does not exist")
+        raise LabelFileError(f"label folder {folder} does not exist")
     out = NodeLabels()
     series_rows = csv_rows(folder / "series.csv", ("SeriesInstanceUID",))
     sources: dict[str, dict[str, Any]] = defaultdict(dict)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -36,6 +37,7 @@ from client.intake.store_writer import StoreWriter
 from client.intake.summary import IngestSummary
 from client.intake.workers import read_in_workers
 from client.store import LocalStore, SeriesRecord
+from shared_model.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ PROGRESS_FROM = 200  # show a progress bar from this many files on
 INDEX_SAVE_EVERY_S = 5.0
 
 
-class IntakeError(ValueError):
+class IntakeError(UserError, ValueError):
     """A problem with the ingest's arguments (not with the data); the message says what to do."""
 
 
@@ -235,7 +237,7 @@ class _Outcome:
     as_frames: str = ""  # stored as single frames, not a stack: the QC reason why
 
     @classmethod
-    def of(cls, parts: SeriesParts, **kwargs: object) -> _Outcome:
+    def of(cls, parts: SeriesParts, **kwargs: Any) -> _Outcome:
         return cls(key=parts.key, study_uid=parts.study_uid, series_uid=parts.series_uid,
                    files=list(parts.files), fingerprints=list(parts.fingerprints), **kwargs)
 

@@ -12,9 +12,10 @@ implicit-VR or compressed file to a truncated or malformed one, returns None and
 from __future__ import annotations
 
 import struct
+from typing import cast
 
 from pydicom.charset import default_encoding
-from pydicom.dataelem import RawDataElement, empty_value_for_VR
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32
@@ -42,7 +43,7 @@ def _read(data: bytes) -> Dataset | None:
     if meta is None or not meta[0]:
         return None
     meta_elements, offset = meta
-    syntax = meta_elements.get(0x00020010)
+    syntax = meta_elements.get(BaseTag(0x00020010))
     if syntax is None or bytes(syntax.value or b"").rstrip(b"\0 ") != EXPLICIT_VR_LITTLE_ENDIAN:
         return None
     body = _elements(data, offset, group=None)
@@ -58,9 +59,9 @@ def _read(data: bytes) -> Dataset | None:
 
 
 def _elements(data: bytes, offset: int,
-              group: int | None) -> tuple[dict[BaseTag, RawDataElement], int] | None:
+              group: int | None) -> tuple[dict[BaseTag, DataElement | RawDataElement], int] | None:
     """Raw elements from ``offset`` to the end (or to the end of ``group``), and where they end."""
-    out: dict[BaseTag, RawDataElement] = {}
+    out: dict[BaseTag, DataElement | RawDataElement] = {}
     end_of_data, last = len(data), -1
     while offset < end_of_data:
         if offset + 8 > end_of_data:
@@ -83,7 +84,7 @@ def _elements(data: bytes, offset: int,
         if length == _UNDEFINED or end > end_of_data:
             return None
         key = BaseTag(tag)
-        value = data[start:end] if length else empty_value_for_VR(vr, raw=True)
+        value = data[start:end] if length else cast(bytes, empty_value_for_VR(vr, raw=True))
         out[key] = RawDataElement(key, vr, length, value, start, False, True)
         last, offset = tag, end
     return out, offset

@@ -21,9 +21,12 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import cast
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
@@ -161,7 +164,7 @@ def _floats(ds: pydicom.Dataset, tag: int, count: int) -> tuple[float, ...] | No
     return tuple(numbers)
 
 
-def _us(ds: pydicom.Dataset, tag: int, default: int | None = None) -> int | None:
+def _us(ds: pydicom.Dataset, tag: int, default: int) -> int:
     """An unsigned short (Rows, BitsAllocated, ...) from its two raw bytes."""
     elem = ds.get_item(tag, keep_deferred=True)
     if elem is None:
@@ -170,7 +173,8 @@ def _us(ds: pydicom.Dataset, tag: int, default: int | None = None) -> int | None
     if isinstance(value, bytes | bytearray):
         if len(value) < 2:
             return default
-        return int.from_bytes(value[:2], "little" if elem.is_little_endian else "big")
+        raw = cast(RawDataElement, elem)  # only a deferred raw element still holds bytes here
+        return int.from_bytes(value[:2], "little" if raw.is_little_endian else "big")
     try:
         return int(value[0] if isinstance(value, list | tuple | pydicom.multival.MultiValue) else value)
     except (TypeError, ValueError, IndexError):
@@ -191,7 +195,7 @@ def _attr(dataset: pydicom.Dataset | None, keyword: str, count: int) -> tuple[fl
 # ---------------------------------------------------------------- guards
 
 def _stack_depth() -> int:
-    depth, frame = 0, sys._getframe()
+    depth, frame = 0, cast(FrameType | None, sys._getframe())
     while frame is not None:
         depth, frame = depth + 1, frame.f_back
     return depth
@@ -288,7 +292,8 @@ def _native_pixels(ds: pydicom.Dataset, layout: PixelLayout) -> np.ndarray:
     The same stored values as ``ds.pixel_array`` (tests/client/test_intake_pixels.py), without
     converting the element or copying the buffer.
     """
-    elem = ds.get_item(_T["PixelData"], keep_deferred=True)
+    # pydicom keeps PixelData as read (a RawDataElement, with its length) until it is accessed
+    elem = cast(RawDataElement, ds.get_item(_T["PixelData"], keep_deferred=True))
     count = layout.frames * layout.rows * layout.cols
     expected = count * layout.bits // 8
     if elem.length != 0xFFFFFFFF and elem.length < expected:
@@ -322,7 +327,7 @@ def _decoded_pixels(ds: pydicom.Dataset, layout: PixelLayout) -> np.ndarray:
         array = ds.pixel_array
     except (MemoryError, RecursionError):
         raise
-    except Exception:
+    except Exception:  # noqa: BLE001 - any decoder failure costs this file only
         raise SkipFile("undecodable_pixels") from None
     if array.size != layout.frames * layout.rows * layout.cols:
         raise SkipFile("undecodable_pixels")
@@ -400,18 +405,18 @@ def _classic_geometry(ds: pydicom.Dataset, frames: int) -> list[FrameGeometry]:
     temporal = _float(ds, _T["TemporalPositionIdentifier"])
     instance = _float(ds, _T["InstanceNumber"], 0.0)
     base_order = temporal if math.isfinite(temporal) else instance
-    common = dict(position=_floats(ds, _T["ImagePositionPatient"], 3),
-                  orientation=_floats(ds, _T["ImageOrientationPatient"], 6),
-                  spacing=_floats(ds, _T["PixelSpacing"], 2),
-                  slope=_float(ds, _T["RescaleSlope"], 1.0),
-                  intercept=_float(ds, _T["RescaleIntercept"], 0.0))
+    position = _floats(ds, _T["ImagePositionPatient"], 3)
+    orientation = _floats(ds, _T["ImageOrientationPatient"], 6)
+    spacing = _floats(ds, _T["PixelSpacing"], 2)
+    slope, intercept = _float(ds, _T["RescaleSlope"], 1.0), _float(ds, _T["RescaleIntercept"], 0.0)
     out = []
     for index in range(frames):
         t = trigger
         if frames > 1:
             step = frame_time if math.isfinite(frame_time) else math.nan
             t = (0.0 if math.isnan(trigger) else trigger) + index * step
-        out.append(FrameGeometry(trigger_ms=t, order=base_order + index, **common))
+        out.append(FrameGeometry(position, orientation, spacing, trigger_ms=t, order=base_order + index,
+                                 slope=slope, intercept=intercept))
     return out
 
 
@@ -488,7 +493,7 @@ class InstanceReader:
             raise SkipFile("unreadable_file") from None
         except RecursionError:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever pydicom raises on a broken header skips the file
             raise SkipFile("unreadable_header") from None
         _check_truncation(ds, size)
         return ds, stat
@@ -537,16 +542,20 @@ class InstanceReader:
         return self._hints[store_series]
 
     def _frame(self, raw: np.ndarray, g: FrameGeometry, frame_number: int, sop_ref: str) -> Frame:
+        # frames without position, orientation or spacing were skipped as missing_geometry
+        assert g.position is not None and g.orientation is not None and g.spacing is not None
+        position = cast(tuple[float, float, float], g.position)
+        spacing = cast(tuple[float, float], g.spacing)
         settings = self.settings
         image = raw.astype(np.float32)
         if g.slope != 1.0 or g.intercept != 0.0:
             image = image * np.float32(g.slope) + np.float32(g.intercept)
-        resampled = resample_image(image, g.spacing, settings.crop_px, settings.spacing_mm)
+        resampled = resample_image(image, spacing, settings.crop_px, settings.spacing_mm)
         lo, hi = intensity_window(resampled)
         # normalise_intensity's arithmetic, written C-ordered so the series stack is a plain copy
         normalised = np.subtract(resampled, lo, out=np.empty(resampled.shape, np.float32))
         normalised /= max(hi - lo, 1e-6)
-        return Frame(position=g.position, orientation=g.orientation, spacing=g.spacing,
+        return Frame(position=position, orientation=g.orientation, spacing=spacing,
                      matrix=(int(raw.shape[0]), int(raw.shape[1])), trigger_ms=g.trigger_ms,
                      order=g.order, frame_number=frame_number, sop_ref=sop_ref,
                      image=normalised.astype(np.float16), window=(lo, hi))

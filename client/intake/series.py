@@ -101,6 +101,7 @@ def _grid(frames: list[Frame]) -> tuple[list[list[Frame]], np.ndarray]:
         grid[s][t] = frame
     for row in grid:
         for a, b in zip(row, row[1:]):
+            assert a is not None and b is not None  # a missing frame was skipped as missing_phases
             if (a.trigger_ms, a.order) == (b.trigger_ms, b.order) or (
                     math.isnan(a.trigger_ms) and math.isnan(b.trigger_ms) and a.order == b.order):
                 raise SkipSeries("ambiguous_frames")

@@ -9,23 +9,33 @@ file that still kills (or stalls) its worker alone is skipped as ``worker_crashe
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable
+from enum import Enum
 from multiprocessing.connection import Connection, wait
+from typing import Literal
 
 from client.intake.reading import InstanceResult, ReadSettings, init_worker, read_chunk
 
 Item = tuple[int, str]  # (scan index, path)
 Deliver = Callable[[list[InstanceResult]], None]
-_DEAD = object()  # what _receive says of a worker that died or hangs
+
+
+class _Dead(Enum):
+    DEAD = "dead"  # what _receive says of a worker that died or hangs
+
+
+_DEAD = _Dead.DEAD
+Context = multiprocessing.context.ForkContext | multiprocessing.context.SpawnContext
 SECONDS_PER_FILE = 60.0  # a file taking longer than this is stuck (a healthy one takes ms)
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> Context:
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return multiprocessing.get_context("fork") if "fork" in methods else multiprocessing.get_context("spawn")
 
 
 def _worker_main(conn: Connection, settings: ReadSettings) -> None:
@@ -43,7 +53,7 @@ def _worker_main(conn: Connection, settings: ReadSettings) -> None:
 class _Worker:
     """One reading process and the chunk it holds (if any)."""
 
-    def __init__(self, ctx: multiprocessing.context.BaseContext, settings: ReadSettings) -> None:
+    def __init__(self, ctx: Context, settings: ReadSettings) -> None:
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child, settings), daemon=True)
         self.process.start()
@@ -72,7 +82,7 @@ class _Worker:
 
 
 def read_in_workers(items: list[Item], settings: ReadSettings, workers: int, chunk_files: int,
-                    advance: Callable[[int], None], pause: Callable[[], object],
+                    advance: Callable[[int], None], pause: Callable[[], contextlib.AbstractContextManager],
                     seconds_per_file: float | None = None,
                     deliver: Deliver | None = None) -> list[InstanceResult]:
     """Read ``items`` in ``workers`` processes, chunk by chunk; never raises for a bad file.
@@ -125,7 +135,7 @@ def _chunks(items: list[Item], size: int, workers: int) -> list[list[Item]]:
             + [items[i:i + small] for i in range(head, len(items), small)])
 
 
-def _receive(worker: _Worker) -> list[InstanceResult] | None | object:
+def _receive(worker: _Worker) -> list[InstanceResult] | None | Literal[_Dead.DEAD]:
     """A finished chunk's results; None while it is working; _DEAD when the worker died or
     overran its deadline."""
     try:
@@ -138,9 +148,9 @@ def _receive(worker: _Worker) -> list[InstanceResult] | None | object:
     return _DEAD
 
 
-def _replace(worker: _Worker, ctx: multiprocessing.context.BaseContext, settings: ReadSettings,
+def _replace(worker: _Worker, ctx: Context, settings: ReadSettings,
              queue: deque, emit: Deliver, advance: Callable[[int], None],
-             pause: Callable[[], object]) -> _Worker:
+             pause: Callable[[], contextlib.AbstractContextManager]) -> _Worker:
     """Kill a dead or stuck worker; retry its chunk file by file, or skip its single file."""
     job, stuck = worker.job or [], worker.process.is_alive()
     worker.stop(kill=True)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from shared_model.augment import ViewSpec, make_view
 from shared_model.config import DINOConfig, TeacherMode
 from shared_model.encoders import Encoder
+from shared_model.ssl.base import SSLModel
 from shared_model.ssl.health import embedding_std, rankme
 
 # ---------------------------------------------------------------------------- pure functions
@@ -128,14 +129,18 @@ class DINOHead(nn.Module):
 
 def dino_view_specs(image_size: int, cfg: DINOConfig) -> tuple[ViewSpec, ViewSpec]:
     """(global, local) crop specifications; the local side is a whole number of patches."""
-    global_spec = ViewSpec(size=image_size, scale=tuple(cfg.global_crop_scale), blur_prob=0.5)
+    global_spec = ViewSpec(size=image_size, scale=(cfg.global_crop_scale[0], cfg.global_crop_scale[1]),
+                           blur_prob=0.5)
     local_size = max(16, int(round(image_size * cfg.local_crop_fraction / 8)) * 8)
-    local_spec = ViewSpec(size=local_size, scale=tuple(cfg.local_crop_scale), blur_prob=0.3)
+    local_spec = ViewSpec(size=local_size, scale=(cfg.local_crop_scale[0], cfg.local_crop_scale[1]),
+                          blur_prob=0.3)
     return global_spec, local_spec
 
 
-class DINO(nn.Module):
+class DINO(SSLModel):
     """Student (``encoder``, ``head``) and EMA teacher (``teacher.encoder``, ``teacher.head``)."""
+
+    center: torch.Tensor  # running mean of the teacher's logits, a buffer
 
     def __init__(self, encoder: Encoder, cfg: DINOConfig) -> None:
         super().__init__()

@@ -7,6 +7,8 @@ per-patch normalised pixels when ``norm_pix_loss``. Views: one mildly augmented 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
@@ -22,6 +24,7 @@ from shared_model.augment import (
 )
 from shared_model.config import MAEConfig
 from shared_model.encoders import Encoder
+from shared_model.ssl.base import SSLModel
 from shared_model.ssl.health import embedding_std, rankme
 
 
@@ -70,6 +73,8 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
 
 
 class MAEDecoder(nn.Module):
+    pos_embed: torch.Tensor  # fixed sin-cos, a buffer
+
     """Light decoder: embed, add mask tokens, a few transformer blocks, predict pixels."""
 
     def __init__(self, embed_dim: int, num_patches: int, num_prefix: int, patch_size: int,
@@ -105,7 +110,7 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(x))
 
 
-class MAE(nn.Module):
+class MAE(SSLModel):
     """Encoder + MAE decoder head; see the module docstring."""
 
     def __init__(self, encoder: Encoder, cfg: MAEConfig) -> None:
@@ -114,18 +119,19 @@ class MAE(nn.Module):
         self.cfg = cfg
         self.patch_size = int(encoder.patch_embed.patch_size[0])
         self.image_size = int(encoder.patch_embed.img_size[0])
-        self.head = MAEDecoder(encoder.embed_dim, encoder.patch_embed.num_patches,
+        self.num_patches = cast(int, encoder.patch_embed.num_patches)
+        self.head = MAEDecoder(encoder.embed_dim, self.num_patches,
                                encoder.num_prefix_tokens, self.patch_size, cfg)
 
     def forward(self, images: torch.Tensor, gen: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, predicted patches, mask, encoded visible tokens) for already-made views."""
-        keep, restore, mask = random_masking(images.shape[0], self.encoder.patch_embed.num_patches,
+        keep, restore, mask = random_masking(images.shape[0], self.num_patches,
                                              self.cfg.mask_ratio, gen)
         visible = images
         if self.encoder.has_conv_stem:  # a conv stem sees neighbours: hide the masked pixels
-            grid = self.encoder.patch_embed.grid_size
-            hidden = mask.view(-1, 1, *grid).repeat_interleave(self.patch_size, 2)
+            rows, cols = self.encoder.patch_embed.grid_size  # type: ignore[union-attr, misc]
+            hidden = mask.view(-1, 1, rows, cols).repeat_interleave(self.patch_size, 2)
             visible = images * (1 - hidden.repeat_interleave(self.patch_size, 3).to(images))
         latent = self.encoder(visible, keep)
         pred = self.head(latent, restore)
@@ -163,7 +169,7 @@ def dense_mae_views(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return random_intensity(apply_affine(images, theta), DENSE_MAE_INTENSITY, gen)
 
 
-class DenseMAE(nn.Module):
+class DenseMAE(SSLModel):
     """Masked image modelling of the whole dense network: encoder + the dense tasks' decoder.
 
     Hidden patches (``mask_ratio`` of the patch grid) are zeroed in the input; the encoder sees

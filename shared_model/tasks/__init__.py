@@ -11,14 +11,22 @@ from shared_model.tasks import (  # noqa: F401 - importing registers each task
     sequence,
     view,
 )
-from shared_model.tasks.base import TASKS, SeriesData, Task, TaskData, TaskKind
+from shared_model.tasks.base import (
+    TASKS,
+    SeriesData,
+    Task,
+    TaskData,
+    TaskDataError,
+    TaskKind,
+    UnknownTaskError,
+)
 
 
 def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown task '{name}'; known: {', '.join(sorted(TASKS))}") from None
+        raise UnknownTaskError(f"unknown task '{name}'; known: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "SeriesData", "Task", "TaskData", "TaskKind", "get_task"]
+__all__ = ["TASKS", "SeriesData", "Task", "TaskData", "TaskDataError", "TaskKind", "UnknownTaskError", "get_task"]

@@ -23,7 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared_model.errors import UserError
 from shared_model.labels import MASK_VALUES, UNKNOWN
+
+
+class UnknownTaskError(UserError, KeyError):
+    """A task name that is not registered; the message lists the known ones."""
+
+
+class TaskDataError(UserError, ValueError):
+    """Too few labelled samples or subjects for a task; the message says what is missing."""
 
 
 class TaskKind(str, Enum):
@@ -227,6 +236,7 @@ class SegmentationTask(Task):
             for (s, t), classes in labelled:
                 if not any(classes):
                     continue
+                assert item.mask is not None  # accepts() takes masked series only
                 frames.append(item.images[s, t])
                 maps.append(self.class_map(item.mask[s, t], classes))
                 drawn.append(classes)

@@ -33,7 +33,14 @@ def pooled_features(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens[..., 0, :], tokens[..., prefix:, :].mean(dim=-2)], dim=-1)
 
 
-class FrameClassifier(nn.Module):
+class TaskModel(nn.Module):
+    """A task model: the encoder and the task's head (``encoder.*`` and ``head.*`` weights)."""
+
+    encoder: Encoder
+    head: nn.Module
+
+
+class FrameClassifier(TaskModel):
     """Frame -> class logits, from the pooled encoder features."""
 
     def __init__(self, encoder: Encoder, num_classes: int) -> None:
@@ -72,7 +79,7 @@ class BagHead(nn.Module):
         return self.classify(self.pool(self.norm(bag)))
 
 
-class BagClassifier(nn.Module):
+class BagClassifier(TaskModel):
     """(B, K, 1, H, W) frames of a series or study -> class logits."""
 
     def __init__(self, encoder: Encoder, num_classes: int) -> None:
@@ -137,7 +144,7 @@ class DenseDecoder(nn.Module):
         return self.out(y)
 
 
-class DensePredictor(nn.Module):
+class DensePredictor(TaskModel):
     """Per-pixel outputs (segmentation logits or landmark heatmap logits) at input size."""
 
     def __init__(self, encoder: Encoder, out_channels: int, width: int = 16) -> None:
@@ -158,7 +165,7 @@ class DensePredictor(nn.Module):
         return self.head(images, list(maps.unbind(0)), self.encoder.skips or None)
 
 
-def build_task_model(task: Task, encoder: Encoder, decoder_width: int = 16) -> nn.Module:
+def build_task_model(task: Task, encoder: Encoder, decoder_width: int = 16) -> TaskModel:
     """The encoder with the head of the task's kind (``decoder_width``: dense tasks' channels at
     full resolution, doubling per level)."""
     if task.kind == TaskKind.frame_classification:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import numpy as np
 import torch
@@ -137,7 +138,7 @@ def classification_metrics(probs: torch.Tensor, targets: torch.Tensor,
                "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan}
     if len(present) >= 2:
         onehot = F.one_hot(targets, num_classes)[:, present].float()
-        metrics["auc"] = float(compute_roc_auc(probs[:, present], onehot, average="macro"))
+        metrics["auc"] = float(cast(float, compute_roc_auc(probs[:, present], onehot, average="macro")))
     else:
         metrics["auc"] = math.nan
     return metrics

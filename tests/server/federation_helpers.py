@@ -12,6 +12,8 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from client.node_settings import simulated_site_store
+from server.run_status import Outcome
 from shared_model.config import FedCMRConfig, load_config
 from sim.runner import run_federation
 from sim.sites import site_spec, write_site_frames
@@ -23,12 +25,12 @@ TINY = ["ssl.local_steps=1", "ssl.batch_size=8", "ssl.mae.decoder_depth=1", "ssl
 
 def make_sites(root: Path, sites: int) -> Path:
     for index in range(sites):
-        write_site_frames(root / f"site-{index}" / "store", site_spec(index, 1.5, 128), 16, seed=0)
+        write_site_frames(simulated_site_store(root, index), site_spec(index, 1.5, 128), 16, seed=0)
     return root
 
 
 def federate(out: Path, sites_root: Path, sites: int, overrides: list[str],
-             extra_mods: list | None = None) -> tuple[FedCMRConfig, dict]:
+             extra_mods: list | None = None) -> tuple[FedCMRConfig, Outcome]:
     cfg = load_config("demo-cpu", [*TINY, f"sim.sites={sites}", f"federation.min_sites={sites}",
                                    f"output.dir={out}", *overrides])
     return cfg, run_federation(cfg, sites_root, extra_mods)
@@ -39,7 +41,7 @@ Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Messag
 
 def corrupt_reply(site: int, round_: int, change: Callable[[list[np.ndarray]], list[np.ndarray]]) -> Mod:
     """A mod that alters the weights one site sends in one round (a faulty or hostile node)."""
-    def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+    def mod(msg: Message, context: Context, call_next):
         reply = call_next(msg, context)
         if (msg.metadata.message_type == MessageType.TRAIN and not reply.has_error()
                 and int(context.node_config["partition-id"]) == site
@@ -53,7 +55,7 @@ def corrupt_reply(site: int, round_: int, change: Callable[[list[np.ndarray]], l
 
 def drop_during_masking(site: int) -> Mod:
     """A mod that makes one site vanish after key sharing, when it should upload masked weights."""
-    def mod(msg: Message, context: Context, call_next):  # noqa: ANN001, ANN202
+    def mod(msg: Message, context: Context, call_next):
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         if (configs is not None and configs.get("stage") == "collect_masked_vectors"
                 and int(context.node_config["partition-id"]) == site):

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from server.metrics import read_records
-from server.state import load_state, weights_hash
+from server.run_status import RunStatus
+from server.ledger import PrivacyLedger
+from server.state import load_state
 from shared_model.privacy import epsilon_for
 from shared_model.weights import load_safetensors
 from tests.server.federation_helpers import corrupt_reply, drop_during_masking, federate, make_sites
@@ -27,7 +29,7 @@ def test_secagg_and_plain_aggregation_agree(tmp_path: Path, sites3: Path) -> Non
     # Same sites, same seeds, one round: only the aggregation path differs.
     _, plain = federate(tmp_path / "plain", sites3, 3, ["federation.rounds=1", "federation.secagg.mode=never"])
     _, secure = federate(tmp_path / "secure", sites3, 3, ["federation.rounds=1", "federation.secagg.mode=always"])
-    assert plain["status"] == secure["status"] == "released"
+    assert plain.status == secure.status == RunStatus.released
     a, b = _encoder(tmp_path / "plain"), _encoder(tmp_path / "secure")
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     # SecAgg+'s quantisation bound: sites * step * max_weight / (sum of example weights),
@@ -41,7 +43,7 @@ def test_secagg_and_plain_aggregation_agree(tmp_path: Path, sites3: Path) -> Non
 def test_secagg_round_survives_a_dropped_site(tmp_path: Path, sites3: Path) -> None:
     _, status = federate(tmp_path / "run", sites3, 3, ["federation.rounds=1", "federation.secagg.mode=always"],
                          extra_mods=[drop_during_masking(site=2)])
-    assert status["status"] == "released"
+    assert status.status == RunStatus.released
     record = read_records(tmp_path / "run")[0]
     assert record["status"] == "aggregated" and set(record["sites"]) == {"site-0", "site-1"}
     assert all(torch.isfinite(v).all() for v in _encoder(tmp_path / "run").values())
@@ -53,7 +55,7 @@ def test_bad_updates_are_excluded(tmp_path: Path, sites3: Path) -> None:
               corrupt_reply(2, 3, lambda arrays: [a + 1e4 for a in arrays])]
     _, status = federate(tmp_path / "run", sites3, 3, ["federation.rounds=3", "federation.secagg.mode=never"],
                          extra_mods=faults)
-    assert status["status"] == "released"
+    assert status.status == RunStatus.released
     records = read_records(tmp_path / "run")
     assert [list(r["excluded"]) for r in records] == [["site-0"], ["site-1"], ["site-2"]]
     assert "non-finite" in records[0]["excluded"]["site-0"]
@@ -63,22 +65,50 @@ def test_bad_updates_are_excluded(tmp_path: Path, sites3: Path) -> None:
     assert all(torch.isfinite(v).all() for v in _encoder(tmp_path / "run").values())
 
 
-def test_resume_continues_from_the_same_weights_and_ledger(tmp_path: Path) -> None:
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    # Prepare: the same 2-round federation twice, once straight through, once paused after
+    # round 1 and resumed (no DP: its noise is drawn afresh, never predictable)
+    sites = make_sites(tmp_path / "sites", 2)
+    plain = ["federation.rounds=2", "federation.secagg.mode=never"]
+    _, straight = federate(tmp_path / "straight", sites, 2, plain)
+    cfg, paused = federate(tmp_path / "run", sites, 2, [*plain, "output.stop_after_round=1"])
+    assert paused.status == RunStatus.paused and not (tmp_path / "run" / "release").exists()
+    after_one = load_state(tmp_path / "run", cfg)
+
+    # Execute
+    _, resumed = federate(tmp_path / "run", sites, 2, [*plain, "output.resume=true"])
+
+    # Assert: round 2 ran once, from the checkpoint, and ends where the straight run ends ...
+    assert straight.status == resumed.status == RunStatus.released
+    assert after_one.global_round == 1
+    assert [r["round"] for r in read_records(tmp_path / "run")] == [1, 2]
+    final, reference = _encoder(tmp_path / "run"), _encoder(tmp_path / "straight")
+    assert set(final) == set(reference)
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=0, atol=1e-6)
+    # ... which is not where round 1 ended (round 2 trained)
+    round_one = {k.removeprefix("encoder."): torch.from_numpy(a)
+                 for k, a in zip(after_one.phase_keys, after_one.phase_arrays) if k.startswith("encoder.")}
+    assert set(round_one) == set(reference)
+    assert max(float((reference[k] - round_one[k]).abs().max()) for k in reference) > 1e-4
+
+
+def test_a_resumed_run_keeps_the_privacy_ledger(tmp_path: Path) -> None:
+    # Prepare
     sites = make_sites(tmp_path / "sites", 2)
     dp = ["privacy.mode=user", "privacy.noise_multiplier=2.0", "privacy.update_clip_norm=5.0",
           "federation.rounds=2"]
     cfg, paused = federate(tmp_path / "run", sites, 2, [*dp, "output.stop_after_round=1"])
-    assert paused["status"] == "paused" and not (tmp_path / "run" / "release").exists()
-    checkpoint = load_state(tmp_path / "run", cfg)
-    assert checkpoint.global_round == 1
-    saved_hash = weights_hash(checkpoint.phase_arrays)
+    assert paused.status == RunStatus.paused
+    one_round = PrivacyLedger.from_json(load_state(tmp_path / "run", cfg).ledger_json)
+
+    # Execute
     _, done = federate(tmp_path / "run", sites, 2, [*dp, "output.resume=true"])
-    assert done["status"] == "released"
-    records = read_records(tmp_path / "run")
-    assert [r["round"] for r in records] == [1, 2]
-    # The resumed round 2 started from exactly the checkpointed weights ...
-    assert records[1]["sites"] and saved_hash == weights_hash(checkpoint.phase_arrays)
-    # ... and the ledger equals that of an uninterrupted 2-round run.
+
+    # Assert: the checkpoint held one round's ledger; the release's is that of an
+    # uninterrupted 2-round run
+    assert done.status == RunStatus.released
+    assert one_round.epsilon("all-sites", "user") == pytest.approx(epsilon_for([[2.0, 1.0, 1]], 1e-5))
     card = (tmp_path / "run" / "release" / "model_card.md").read_text()
     expected = epsilon_for([[2.0, 1.0, 2]], 1e-5)
     assert f"{expected:.4g}" in card
@@ -90,7 +120,7 @@ def test_budget_too_small_stops_before_release(tmp_path: Path) -> None:
     _, status = federate(tmp_path / "run", sites, 2, [
         "privacy.mode=user", "privacy.noise_multiplier=2.0", "federation.rounds=3",
         f"privacy.epsilon_budget={(one + two) / 2:.4f}"])  # room for one round, not two
-    assert status["status"] == "stopped" and "epsilon_budget" in status["detail"]
+    assert status.status == RunStatus.stopped and "epsilon_budget" in status.detail
     assert not (tmp_path / "run" / "release").exists()
     assert [r["round"] for r in read_records(tmp_path / "run")] == [1]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "stopped"

@@ -1,11 +1,13 @@
 """Server pieces without the engine: validation, ledger, checkpoint, node guard, strategy."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from typer.testing import CliRunner
 
@@ -13,6 +15,7 @@ from client.app import NodePolicy, NodePolicyError, check_secagg_request
 from server import cli as server_cli
 from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
 from server.ledger import LedgerEntry, LedgerError, PrivacyLedger
+from server.metrics import RoundStatus
 from server.state import ResumeError, ServerState, load_state, save_state, weights_hash
 from server.strategy import PhaseInfo, PhaseStrategy
 from server.validation import UpdateBounds, update_problem
@@ -32,7 +35,7 @@ BOUNDS = UpdateBounds(max_update_norm=10.0, min_examples=1, max_examples=1000)
     ([np.full((4, 3), 100.0, np.float32), np.ones(5, np.float32)], 10, "update norm"),
     ([np.zeros((4, 3), np.float32), np.ones(5, np.float32)], 0, "num_examples"),
 ])
-def test_bad_updates_are_named(arrays, examples, fragment) -> None:  # noqa: ANN001
+def test_bad_updates_are_named(arrays, examples, fragment) -> None:
     assert fragment in update_problem(arrays, examples, GLOBAL, BOUNDS)
 
 
@@ -51,7 +54,7 @@ def _fit_res(arrays: list[np.ndarray], site: int, examples: int = 10) -> FitRes:
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), examples, {"site_index": site})
 
 
-def _strategy(records: list, overrides: list[str] = ()):  # noqa: ANN202
+def _strategy(records: list, overrides: list[str] = ()):
     cfg = load_config("demo-cpu", ["federation.min_sites=3", "federation.secagg.mode=never",
                                    "federation.max_update_norm=10", *overrides])
     inner = build_aggregator(cfg, GLOBAL, lambda items: {}, evaluate=False)
@@ -74,7 +77,7 @@ def test_strategy_excludes_bad_replies_and_keeps_a_finite_model() -> None:
     merged = parameters_to_ndarrays(params)
     assert np.allclose(merged[0], 1.0) and all(np.isfinite(a).all() for a in merged)
     assert set(records[-1].excluded) == {"site-1", "site-2", "site-3"}
-    assert records[-1].status == "aggregated" and rounds == [1]
+    assert records[-1].status == RoundStatus.aggregated and rounds == [1]
 
 
 def test_too_few_valid_replies_keep_the_global_model() -> None:
@@ -83,7 +86,7 @@ def test_too_few_valid_replies_keep_the_global_model() -> None:
     bad = [np.full((4, 3), np.nan, np.float32), np.ones(5, np.float32)]
     good = [np.full((4, 3), 0.5, np.float32), np.ones(5, np.float32)]
     params, _ = strategy.aggregate_fit(1, [(_Proxy(1), _fit_res(good, 0)), (_Proxy(2), _fit_res(bad, 1))], [])
-    assert params is None and records[-1].status == "skipped"
+    assert params is None and records[-1].status == RoundStatus.skipped
     assert all(np.array_equal(a, b) for a, b in zip(strategy.current, GLOBAL))
     assert rounds == [1]  # a skipped round is still checkpointed
 
@@ -145,7 +148,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
         load_state(tmp_path / "elsewhere", cfg)
 
 
-def _rewrite_checkpoint(path: Path, edit) -> None:  # noqa: ANN001 - edit(tensors, meta)
+def _rewrite_checkpoint(path: Path, edit) -> None:
     tensors, raw = load_safetensors(path)
     meta = json.loads(raw["fedcmr"])
     edit(tensors, meta)
@@ -159,7 +162,7 @@ def _rewrite_checkpoint(path: Path, edit) -> None:  # noqa: ANN001 - edit(tensor
     (lambda t, m: t.pop("opt/m_t/0"), "'opt/m_t/0'"),
     (lambda t, m: m.update(ledger='{"delta": 1e-05, "accountant": "prv"}'), "'entries'"),
 ])
-def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit, fragment) -> None:  # noqa: ANN001
+def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit, fragment) -> None:
     # Prepare: a good checkpoint with one field or tensor removed
     cfg = load_config("demo-cpu", [f"output.dir={tmp_path}"])
     path = save_state(tmp_path, _state(), cfg)
@@ -235,10 +238,10 @@ def test_node_failures_leave_as_their_type_only_and_refusals_with_their_message(
 
     msg = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN, group_id="1")
 
-    def leaky(message, context):  # noqa: ANN001, ANN202
+    def leaky(message, context):
         raise FileNotFoundError("/data/Doe^John_1970/series 12/IM0001 not found")
 
-    def refuses(message, context):  # noqa: ANN001, ANN202
+    def refuses(message, context):
         raise NodePolicyError("SecAgg+ with threshold 1 and 2 shares is below this node's policy")
 
     # Act
@@ -258,3 +261,49 @@ def test_server_keeps_only_allow_listed_scalar_metrics_from_nodes() -> None:
                  {"loss_mean": 0.5, "site_index": 1, "PatientName": "Doe^John", "note": "x"})
     _keep_allowed_metrics([(None, res)])
     assert res.metrics == {"loss_mean": 0.5, "site_index": 1}
+
+
+class _OneReplyGrid:
+    """A grid on which only the first addressed site answers (the other stays silent)."""
+
+    def __init__(self, reply: Callable[[Message], Message]) -> None:
+        self.reply = reply
+
+    def send_and_receive(self, messages, timeout):
+        return [self.reply(list(messages)[0])]
+
+
+@pytest.mark.parametrize("kind", ["fit", "evaluate"])
+def test_a_silent_site_counts_as_a_timeout_in_fit_and_evaluate_rounds(monkeypatch, kind: str) -> None:
+    # Prepare: two sites asked, one answers OK
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.app.message_type import MessageType
+    from flwr.common import EvaluateIns, EvaluateRes, FitIns
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.workflows import send_and_collect
+
+    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, field, value)
+    params = ndarrays_to_parameters(GLOBAL)
+    if kind == "fit":
+        ins, message_type = FitIns(params, {}), MessageType.TRAIN
+        to_content, from_content = (lambda i: compat.fitins_to_recorddict(i, True),
+                                    lambda c: compat.recorddict_to_fitres(c, False))
+        answer = compat.fitres_to_recorddict(_fit_res(GLOBAL, 0), True)
+    else:
+        ins, message_type = EvaluateIns(params, {}), MessageType.EVALUATE
+        to_content, from_content = (lambda i: compat.evaluateins_to_recorddict(i, True),
+                                    compat.recorddict_to_evaluateres)
+        answer = compat.evaluateres_to_recorddict(EvaluateRes(Status(Code.OK, ""), 0.5, 10, {}))
+    grid = _OneReplyGrid(lambda msg: Message(answer, reply_to=msg))
+
+    # Execute
+    results, failures = send_and_collect(grid, [(_Proxy(1), ins), (_Proxy(2), ins)], message_type,
+                                         server_round=1, timeout_s=5.0, to_content=to_content,
+                                         from_content=from_content)
+
+    # Assert: the answer is a result, the silent site one timeout failure
+    assert [proxy.node_id for proxy, _ in results] == [1]
+    assert [type(f).__name__ for f in failures] == ["TimeoutError"]
+    assert "no reply within 5 s" in str(failures[0])

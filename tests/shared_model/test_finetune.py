@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def sax_data():  # noqa: ANN201
+def sax_data():
     series = [sax_series(f"s{i}", f"subj{i}", seed=i) for i in range(2)]
     return get_task("sax_seg").build(series, 64)
 
@@ -31,7 +31,7 @@ def _model(task_name: str = "sax_seg") -> torch.nn.Module:
     return build_task_model(get_task(task_name), build_encoder("vit-tiny-p8-64"))
 
 
-def _settings(**kw) -> TasksConfig:  # noqa: ANN003
+def _settings(**kw) -> TasksConfig:
     return TasksConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-3, **kw})
 
 
@@ -50,7 +50,7 @@ def test_layerwise_decay_scales_encoder_blocks() -> None:
 
 
 @pytest.mark.parametrize("mode", list(FinetuneMode))
-def test_modes_train_what_they_should(mode: FinetuneMode, sax_data) -> None:  # noqa: ANN001
+def test_modes_train_what_they_should(mode: FinetuneMode, sax_data) -> None:
     model = _model()
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
@@ -62,12 +62,12 @@ def test_modes_train_what_they_should(mode: FinetuneMode, sax_data) -> None:  # 
     assert result.local.steps == 3
 
 
-def test_evaluate_reports_task_metrics(sax_data) -> None:  # noqa: ANN001
+def test_evaluate_reports_task_metrics(sax_data) -> None:
     metrics = evaluate(_model(), get_task("sax_seg"), sax_data, CPU)
     assert {"dice_lv_blood", "dice_lv_myo", "dice_rv_blood", "hd95_mm_lv_blood", "samples"} <= set(metrics)
 
 
-def test_dp_sgd_reports_epsilon_and_strips_the_wrapper(sax_data) -> None:  # noqa: ANN001
+def test_dp_sgd_reports_epsilon_and_strips_the_wrapper(sax_data) -> None:
     model = _model()
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
     result = finetune(model, get_task("sax_seg"), sax_data, _settings(mode=FinetuneMode.full, steps=2),
@@ -81,13 +81,13 @@ def test_dp_sgd_reports_epsilon_and_strips_the_wrapper(sax_data) -> None:  # noq
     assert more.epsilon > result.epsilon
 
 
-def test_dp_refuses_unfreezing_mid_session(sax_data) -> None:  # noqa: ANN001
+def test_dp_refuses_unfreezing_mid_session(sax_data) -> None:
     with pytest.raises(PrivacyError, match="linear or full"):
         finetune(_model(), get_task("sax_seg"), sax_data, _settings(mode=FinetuneMode.frozen_then_unfrozen),
                  gen=make_generator(0), device=CPU, dp=DPSettings(1.0, 1.0, 1e-5))
 
 
-def test_resume_mid_session_gives_identical_weights(tmp_path: Path, sax_data, monkeypatch) -> None:  # noqa: ANN001
+def test_resume_mid_session_gives_identical_weights(tmp_path: Path, sax_data, monkeypatch) -> None:
     import shared_model.finetune as finetune_module
 
     task, settings = get_task("sax_seg"), _settings(steps=4)
@@ -99,7 +99,7 @@ def test_resume_mid_session_gives_identical_weights(tmp_path: Path, sax_data, mo
     calls = {"n": 0}
     real_loss = finetune_module.task_loss
 
-    def dying_loss(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def dying_loss(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("node stopped")
@@ -118,7 +118,7 @@ def test_resume_mid_session_gives_identical_weights(tmp_path: Path, sax_data, mo
         assert torch.allclose(value, resumed.state_dict()[key], atol=1e-6), key
 
 
-def test_checkpoint_of_another_session_or_corrupt_is_refused(tmp_path: Path, sax_data) -> None:  # noqa: ANN001
+def test_checkpoint_of_another_session_or_corrupt_is_refused(tmp_path: Path, sax_data) -> None:
     task = get_task("sax_seg")
     policy = CheckpointPolicy(tmp_path / "loop.safetensors", every=1, fingerprint="a")
     finetune(_model(), task, sax_data, _settings(steps=1), gen=make_generator(0), device=CPU, checkpoint=policy)
@@ -136,7 +136,7 @@ def test_checkpoint_of_another_session_or_corrupt_is_refused(tmp_path: Path, sax
     (lambda t, m: m.update(optimizer=[]), "'optimizer'"),
     (lambda t, m: t.pop("rng/generator"), "'rng/generator'"),
 ])
-def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit, fragment) -> None:  # noqa: ANN001
+def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit, fragment) -> None:
     # Prepare: a small loop checkpoint with one metadata field or tensor removed
     path = tmp_path / "loop.safetensors"
     save_loop_state(path, LoopState(

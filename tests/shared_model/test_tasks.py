@@ -60,7 +60,7 @@ def test_each_task_model_shapes_loss_and_metrics(name: str, cohort_series: list)
     assert any(math.isfinite(v) for v in metrics.values())
 
 
-def _toy_batch(task):  # noqa: ANN001, ANN202
+def _toy_batch(task):
     from shared_model.tasks.base import TaskData
     n = 4
     if task.kind == TaskKind.segmentation:

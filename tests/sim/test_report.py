@@ -13,6 +13,7 @@ import pytest
 from shared_model.labels import MASK_VALUES
 from sim.report import (budget_label, dice_per_structure, headline, landmark_errors_mm, mean_ci,
                         plain_statements, write_report)
+from sim.results import FinetuneMode, ResultsError, ScenarioResults
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SITES = ("site-0", "site-1")
@@ -182,27 +183,27 @@ def test_headline_matches_hand_computed_values_for_segmentation():
     # Prepare: local-mae has no federated rows, so every number is from local fine-tuning
     results = _results()
     # Execute
-    h = headline(results)
+    h = headline(ScenarioResults.from_json(results))
     # Assert
-    assert (h["task"], h["budget"], h["metric"], h["higher_is_better"], h["fm_arm"], h["mode"]) \
-        == ("sax_seg", 1, "dice_mean", True, "fed-mae", "local")
-    assert h["fm"] == pytest.approx(0.80) and h["scratch"] == pytest.approx(0.75)
-    assert h["local"] == pytest.approx(0.78) and h["central"] == pytest.approx(0.82)
-    assert h["gap_vs_scratch"] == pytest.approx(0.05)
-    assert h["gap_vs_local"] == pytest.approx(0.02)
-    assert h["fed_central_ratio"] == pytest.approx(0.80 / 0.82)
+    assert (h.task, h.budget, h.metric, h.higher_is_better, h.fm_arm, h.mode) \
+        == ("sax_seg", 1, "dice_mean", True, "fed-mae", FinetuneMode.local)
+    assert h.fm == pytest.approx(0.80) and h.scratch == pytest.approx(0.75)
+    assert h.local == pytest.approx(0.78) and h.central == pytest.approx(0.82)
+    assert h.gap_vs_scratch == pytest.approx(0.05)
+    assert h.gap_vs_local == pytest.approx(0.02)
+    assert h.fed_central_ratio == pytest.approx(0.80 / 0.82)
 
 
 def test_headline_inverts_gap_and_ratio_for_landmark_error():
     # Prepare: landmarks only; FM 3.0 mm, scratch 2.5 mm, local 4.0 mm, central 2.8 mm
     results = _only_tasks(_results(), ["landmarks"])
     # Execute
-    h = headline(results)
+    h = headline(ScenarioResults.from_json(results))
     # Assert: positive = FM better; ratio central/fed so > 1 would mean FM better
-    assert h["task"] == "landmarks" and h["higher_is_better"] is False
-    assert h["gap_vs_scratch"] == pytest.approx(-0.5)
-    assert h["gap_vs_local"] == pytest.approx(1.0)
-    assert h["fed_central_ratio"] == pytest.approx(2.8 / 3.0)
+    assert h.task == "landmarks" and h.higher_is_better is False
+    assert h.gap_vs_scratch == pytest.approx(-0.5)
+    assert h.gap_vs_local == pytest.approx(1.0)
+    assert h.fed_central_ratio == pytest.approx(2.8 / 3.0)
 
 
 def test_headline_local_is_the_mean_over_local_only_arms():
@@ -213,10 +214,10 @@ def test_headline_local_is_the_mean_over_local_only_arms():
     results["finetune"] += extra
     results["arms"]["local-dino"] = {"kind": "local", "method": "dino", "dp_mode": "none"}
     # Execute
-    h = headline(results)
+    h = headline(ScenarioResults.from_json(results))
     # Assert
-    assert h["local"] == pytest.approx((0.78 + 0.74) / 2)
-    assert h["gap_vs_local"] == pytest.approx(0.80 - 0.76)
+    assert h.local == pytest.approx((0.78 + 0.74) / 2)
+    assert h.gap_vs_local == pytest.approx(0.80 - 0.76)
 
 
 # ---------------------------------------------------------------------------- statements
@@ -226,7 +227,7 @@ def test_statements_say_does_not_beat_exactly_where_the_fm_is_not_better():
     # Prepare
     results = _results()
     # Execute
-    statements = plain_statements(results)
+    statements = plain_statements(ScenarioResults.from_json(results))
     # Assert
     assert _not_better(statements) == NOT_BETTER
     wins = [s for s in statements if " beats " in s]
@@ -236,7 +237,7 @@ def test_statements_say_does_not_beat_exactly_where_the_fm_is_not_better():
 
 def test_statements_give_the_margin_in_the_metric_direction():
     # Prepare: scratch vs FM is compared in federated fine-tuning (both arms have it)
-    statements = plain_statements(_results())
+    statements = plain_statements(ScenarioResults.from_json(_results()))
     # Execute
     by_key = {k: s for s in statements for k in _not_better([s])}
     # Assert
@@ -314,7 +315,7 @@ def test_missing_sections_are_skipped_with_one_line(tmp_path, case, expect_lines
                                 "file": "overlays/nowhere.npz"}]
         results["curves"] = []
     # Execute
-    report = write_report(tmp_path, results)
+    report = write_report(tmp_path, ScenarioResults.from_json(results))
     # Assert
     text = report.read_text()
     assert all(line in text for line in expect_lines)
@@ -328,20 +329,20 @@ def test_no_central_arm_and_single_seed_leave_the_headline_partial():
     results = _only_tasks(_without_arms(_results(), {"central-mae"}), ["sax_seg"])
     results["finetune"] = [r for r in results["finetune"] if r["seed"] == 0]
     # Execute
-    h = headline(results)
+    h = headline(ScenarioResults.from_json(results))
     # Assert: FM at seed 0, local mode: mean over sites of 0.80 - 0.01
-    assert h["central"] is None and h["fed_central_ratio"] is None
-    assert h["fm"] == pytest.approx(0.79) and h["gap_vs_scratch"] == pytest.approx(0.05)
+    assert h.central is None and h.fed_central_ratio is None
+    assert h.fm == pytest.approx(0.79) and h.gap_vs_scratch == pytest.approx(0.05)
 
 
 def test_empty_results_do_not_crash(tmp_path):
     # Prepare
     results = {"format": "fedcmr-sim-results", "version": 1}
     # Execute
-    text = write_report(tmp_path, results).read_text()
+    text = write_report(tmp_path, ScenarioResults.from_json(results)).read_text()
     # Assert
     assert "No fine-tuning results" in text
-    assert headline(results)["fm"] is None
+    assert headline(ScenarioResults.from_json(results)).fm is None
 
 
 def test_a_newer_schema_is_refused_with_the_file_named(tmp_path):
@@ -349,7 +350,7 @@ def test_a_newer_schema_is_refused_with_the_file_named(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"format": "fedcmr-sim-results",
                                                        "version": 2}))
     # Execute / Assert
-    with pytest.raises(ValueError, match="results.json.*version 2"):
+    with pytest.raises(ResultsError, match="results.json.*version 2"):
         write_report(tmp_path)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from sim.results import ArmKind, ScenarioResults
+
 TINY = ["sim.sites=2", "sim.subjects_per_site=3", "sim.cine_phases=4", "sim.max_sax_slices=4",
         "sim.seeds=[0]", "sim.label_budgets=[1]", "federation.rounds=1", "federation.finetune_rounds=1",
         "ssl.local_steps=1", "ssl.batch_size=8", "tasks.steps=1", "tasks.batch_size=4",
@@ -21,7 +23,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
     return out, proc
 
 
-def test_scenario_writes_report_results_and_config(scenario) -> None:  # noqa: ANN001
+def test_scenario_writes_report_results_and_config(scenario) -> None:
     out, proc = scenario
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("report.md", "report.html", "results.json", "config.yaml"):
@@ -33,7 +35,7 @@ def test_scenario_writes_report_results_and_config(scenario) -> None:  # noqa: A
     assert "## Headline" in report and "fed-mae" in report
 
 
-def test_results_schema(scenario) -> None:  # noqa: ANN001
+def test_results_schema(scenario) -> None:
     out, _ = scenario
     results = json.loads((out / "results.json").read_text())
     assert results["format"] == "fedcmr-sim-results" and results["version"] == 1
@@ -53,6 +55,9 @@ def test_results_schema(scenario) -> None:  # noqa: ANN001
     assert all((out / o["file"]).is_file() for o in results["overlays"])
     assert {o["task"] for o in results["overlays"]} == {"sax_seg", "landmarks"}
     assert results["timings_s"]["total"] > 0
+    parsed = ScenarioResults.from_json(results, "results.json")  # the report reads it back whole
+    assert {a.kind for a in parsed.arms.values()} == set(ArmKind)
+    assert len(parsed.finetune) == len(rows) and parsed.scenario.arms == tuple(results["arms"])
 
 
 def test_a_bad_real_site_path_is_one_line_and_exit_2(tmp_path: Path) -> None:

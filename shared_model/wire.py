@@ -1,4 +1,5 @@
-"""What server and nodes say to each other beyond the weights, and what a node may say back.
+"""The wire contract: what server and nodes say to each other beyond the weights, and what a
+node may say back. Both sides import it from here; it is plain data (no flwr, no torch).
 
 Server -> node (fit/evaluate config): the resolved run config as YAML (the *plan*), the phase,
 the task, the global round and the share of the whole run a round covers.
@@ -9,10 +10,12 @@ allow-list. Nothing else leaves a node: no strings, no header values, no per-ima
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 PLAN_KEY = "plan"
-PHASE_KEY = "phase"  # "pretrain" | "finetune"
+PHASE_KEY = "phase"  # PRETRAIN | FINETUNE
 TASK_KEY = "task"
 ROUND_KEY = "round"  # global round number, all phases
 SPAN_START_KEY = "span_start"  # fraction of the phase done before this round
@@ -39,7 +42,7 @@ def is_allowed_metric(name: str) -> bool:
     return name in ALLOWED_METRICS or name.startswith(ALLOWED_METRIC_PREFIXES)
 
 
-def outgoing_metrics(values: dict[str, object]) -> dict[str, float | int]:
+def outgoing_metrics(values: Mapping[str, object]) -> dict[str, float | int]:
     """Keep allow-listed finite numbers only; anything else never leaves the node."""
     out: dict[str, float | int] = {}
     for key, value in values.items():

@@ -1,0 +1,92 @@
+"""What only a node decides — its store, device, index, CPU threads and policy — and where a
+simulated site keeps its store.
+
+A deployed node reads its settings from Flower's ``node_config``, never from the server. A
+simulated site (``fedcmr-sim``, ``flwr run`` with ``sim-root``, the benchmarks) is an ordinary
+node whose store lives at ``<sites root>/site-<i>/store``; :func:`simulated_node_settings` is the
+one place that layout and those settings are built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared_model.errors import UserError
+
+if TYPE_CHECKING:
+    from flwr.app import Context
+
+
+class NodeConfigError(UserError, ValueError):
+    """The node's own settings are missing or wrong."""
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """What a node accepts from any server (``node_config`` keys in brackets)."""
+
+    min_secagg_threshold: int = 2  # [min-secagg-threshold]
+    min_secagg_shares: int = 2  # [min-secagg-shares]
+    require_secagg: bool = False  # [require-secagg]
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What only the node decides: its store, its device, its index, its policy."""
+
+    store: Path
+    device: str = "auto"
+    site_index: int = 0
+    policy: NodePolicy = NodePolicy()
+    threads: int = 0  # CPU threads for torch (0: torch's default, all cores)
+
+
+def simulated_site_name(index: int) -> str:
+    return f"site-{index}"
+
+
+def simulated_site_store(sites_root: Path, index: int) -> Path:
+    """The store of simulated site ``index`` under the folder of all sites."""
+    return sites_root / simulated_site_name(index) / "store"
+
+
+def simulated_node_settings(sites_root: Path, index: int, device: str = "auto", threads: int = 1,
+                            policy: NodePolicy = NodePolicy()) -> NodeSettings:
+    """A simulated site's settings: its store under ``sites_root``, one CPU thread by default."""
+    return NodeSettings(store=simulated_site_store(sites_root, index), device=device,
+                        site_index=index, policy=policy, threads=threads)
+
+
+def _int_setting(node: Mapping[str, object], key: str, default: int) -> int:
+    value = node.get(key, default)
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node_config '{key}' must be an integer, got {value!r}") from None
+
+
+def _policy(node: Mapping[str, object]) -> NodePolicy:
+    return NodePolicy(min_secagg_threshold=_int_setting(node, "min-secagg-threshold", 2),
+                      min_secagg_shares=_int_setting(node, "min-secagg-shares", 2),
+                      require_secagg=str(node.get("require-secagg", "false")).lower() in ("1", "true"))
+
+
+def node_settings_from_context(context: Context) -> NodeSettings:
+    """Read the node's settings from Flower's ``node_config`` (or the simulation's run_config).
+
+    Deployment: ``flower-supernode --node-config "store='/data/fedcmr-store' device='cuda'"``.
+    Simulation under ``flwr run``: the store of partition ``i`` is ``<sim-root>/site-<i>/store``.
+    """
+    node = dict(context.node_config)
+    if "store" in node:
+        return NodeSettings(store=Path(str(node["store"])), device=str(node.get("device", "auto")),
+                            site_index=_int_setting(node, "site-index", 0), policy=_policy(node),
+                            threads=_int_setting(node, "threads", 0))
+    if "partition-id" in node and "sim-root" in context.run_config:
+        return simulated_node_settings(Path(str(context.run_config["sim-root"])),
+                                       _int_setting(node, "partition-id", 0), policy=_policy(node))
+    raise NodeConfigError("node_config has no 'store'; start the SuperNode with "
+                          "--node-config \"store='/path/to/fedcmr-store'\"")
