@@ -29,7 +29,7 @@ from shared_model.config import (
     config_from_yaml,
     secagg_enabled,
 )
-from shared_model.encoders import get_preset
+from shared_model.encoders import Encoder, get_preset
 from shared_model.finetune import evaluate, finetune
 from shared_model.phase_models import initial_ssl_model, initial_task_model, task_keys
 from shared_model.privacy import DPSettings, PrivacyError, epsilon_for, make_private
@@ -110,6 +110,37 @@ def ssl_frames(store: LocalStore, size: int, exclude: list[str]) -> torch.Tensor
     return resize_frames(np.concatenate(frames), size)
 
 
+PROBE_FRAMES = 64  # labelled frames a probe reads at most
+
+
+def blood_pool_probe(encoder: Encoder, store: LocalStore, plan: FedCMRConfig) -> dict[str, float]:
+    """Health of the representation, measured where the labels are: a k-NN probe on frozen patch
+    tokens telling LV blood-pool patches from the rest, fitted on half of the node's labelled
+    frames (by subject) and scored on the other half. Labels only read here, never trained on;
+    {} where the node has too few labelled frames."""
+    from shared_model.ssl.health import patch_labels, patch_probe_dice, patch_tokens
+    from shared_model.tasks.base import evenly_spaced
+
+    frames = [f for f in store.iter_labeled_frames(("lv_blood",), include_partial=True)]
+    if len(frames) < 4:
+        return {}
+    frames = evenly_spaced(frames, PROBE_FRAMES)
+    subjects = [store.manifest.series[f.key].subject for f in frames]
+    order = sorted(set(subjects))
+    first = set(order[: max(1, len(order) // 2)]) if len(order) > 1 else set()
+    fit = [i for i, s in enumerate(subjects) if s in first] if first else list(range(0, len(frames), 2))
+    score = [i for i in range(len(frames)) if i not in set(fit)]
+    size = get_preset(plan.model.preset).image_size
+    from shared_model.tasks.base import resize_frames, resize_labels
+
+    images = resize_frames(np.stack([store.load(f.key)[f.slice, f.phase] for f in frames]).astype(np.float32), size)
+    masks = resize_labels(np.stack([store.load_mask(f.key)[f.slice, f.phase] for f in frames]), size)
+    patch = int(encoder.patch_embed.patch_size[0])
+    tokens = patch_tokens(encoder, images.to(next(encoder.parameters()).device)).cpu()
+    labels = patch_labels(masks, patch)
+    return {"probe_dice": patch_probe_dice(tokens[fit], labels[fit], tokens[score], labels[score])}
+
+
 class FedCMRClient(NumPyClient):
     """One node, one message: dispatch on the phase the server names."""
 
@@ -133,7 +164,9 @@ class FedCMRClient(NumPyClient):
         if config.get(PHASE_KEY) == FINETUNE:
             return self._finetune(parameters, plan, get_task(str(config[TASK_KEY])), span, gen, mu)
         if config.get(PHASE_KEY, PRETRAIN) == PRETRAIN:
-            return self._pretrain(parameters, plan, span, gen, mu)
+            probe = plan.ssl.probe_every > 0 and (
+                int(config.get(ROUND_KEY, 0)) % plan.ssl.probe_every == 0 or span.end >= 1.0)
+            return self._pretrain(parameters, plan, span, gen, mu, probe)
         raise ValueError(f"unknown phase {config.get(PHASE_KEY)!r}")
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]
@@ -149,7 +182,7 @@ class FedCMRClient(NumPyClient):
     # ------------------------------------------------------------------ phases
 
     def _pretrain(self, parameters: list[np.ndarray], plan: FedCMRConfig, span: Span,
-                  gen: torch.Generator, mu: float) -> FitReply:
+                  gen: torch.Generator, mu: float, probe: bool = False) -> FitReply:
         model = initial_ssl_model(plan)  # the server's initial weights, for whatever stays local
         local_head = plan.federation.ssl_head == HeadSharing.local
         keys = federated_keys(model, local_head)
@@ -183,6 +216,8 @@ class FedCMRClient(NumPyClient):
         if local_head:
             self._keep_local(model, STATE_SSL_HEAD, "head.")
         metrics = {**asdict(result), **result.stats, "num_images": len(images)}
+        if probe and isinstance(model.encoder, Encoder):
+            metrics.update(blood_pool_probe(model.encoder, store, plan))
         if private is not None:
             metrics.update(self._record_dp(private.accountant_state(), plan))
         return self._reply(model.state_dict(), keys, len(images), plan, metrics)

@@ -40,7 +40,9 @@ from shared_model.config import (
     with_overrides,
 )
 from shared_model.phase_models import initial_ssl_model, initial_task_model, task_keys
+from shared_model.bundle import start_from_decoder
 from shared_model.ssl import federated_keys
+from shared_model.ssl.mae import DenseMAE
 from shared_model.tasks import get_task
 from shared_model.weights import (
     arrays_to_state_dict,
@@ -130,6 +132,8 @@ def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple
         load_into(model.encoder, load_safetensors(spec.init_encoder)[0], spec.init_encoder)
     elif state.foundation:  # start from the federated foundation encoder
         model.encoder.load_state_dict(state.foundation)
+        if state.decoder:
+            start_from_decoder(model, state.decoder)
     return model, task_keys(model, cfg)
 
 
@@ -190,6 +194,8 @@ def _finish_phase(phase: PhaseInfo, model: torch.nn.Module, state: ServerState) 
     weights = {k: v.detach().cpu().float().clone() for k, v in model.state_dict().items()}
     if phase.name == PRETRAIN:
         state.foundation = select_prefix(weights, "encoder.")
+        if isinstance(model, DenseMAE):  # its decoder is what dense task heads start from
+            state.decoder = select_prefix(weights, "head.")
     else:
         key = phase.task if phase.label == f"{FINETUNE}:{phase.task}" else phase.label
         state.tasks[key] = {k: v for k, v in weights.items() if k.startswith(("encoder.", "head."))}

@@ -13,12 +13,12 @@ from pathlib import Path
 from server.ledger import PrivacyLedger
 from server.metrics import RecordKind, RoundRecord, RoundStatus
 from server.state import ServerState
-from shared_model.bundle import ENCODER_FILE, TASKS_DIR, save_encoder, save_task_model
+from shared_model.bundle import DECODER_FILE, ENCODER_FILE, TASKS_DIR, save_encoder, save_task_model
 from shared_model.config import FedCMRConfig, save_resolved_config, secagg_enabled
 from shared_model.encoders import get_preset
 from shared_model.files import atomic_write_text
 from shared_model.tasks import get_task
-from shared_model.weights import select_prefix
+from shared_model.weights import save_safetensors, select_prefix
 
 RELEASE_DIR = "release"
 MODEL_CARD = "model_card.md"
@@ -31,6 +31,8 @@ def write_release(run_dir: Path, cfg: FedCMRConfig, state: ServerState, ledger: 
     save_resolved_config(cfg, out)
     if state.foundation:
         save_encoder(out / ENCODER_FILE, state.foundation, cfg)
+    if state.decoder:
+        save_safetensors(out / DECODER_FILE, state.decoder, metadata={"part": "dense decoder"})
     for task, weights in state.tasks.items():
         save_task_model(out / TASKS_DIR / f"{task}.safetensors", get_task(task), weights)
         if not state.foundation:  # no pretraining phase: the fine-tuned encoder stands in

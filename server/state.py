@@ -59,6 +59,7 @@ class ServerState:
     phase_keys: list[str] = field(default_factory=list)
     phase_arrays: list[np.ndarray] = field(default_factory=list)
     foundation: dict[str, torch.Tensor] = field(default_factory=dict)  # pretrained encoder
+    decoder: dict[str, torch.Tensor] = field(default_factory=dict)  # pretrained dense decoder
     tasks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     optimizer: dict[str, list[np.ndarray]] = field(default_factory=dict)
     ledger_json: str = ""
@@ -70,6 +71,7 @@ def save_state(run_dir: Path, state: ServerState, cfg: FedCMRConfig) -> Path:
     for key, array in zip(state.phase_keys, state.phase_arrays, strict=True):
         tensors[f"phase/{key}"] = torch.from_numpy(np.ascontiguousarray(array))
     tensors.update({f"fm/{k}": v for k, v in state.foundation.items()})
+    tensors.update({f"dec/{k}": v for k, v in state.decoder.items()})
     for task, weights in state.tasks.items():
         tensors.update({f"task/{task}/{k}": v for k, v in weights.items()})
     for name, arrays in state.optimizer.items():
@@ -148,5 +150,6 @@ def load_state(run_dir: Path, cfg: FedCMRConfig) -> ServerState:
         phase=_meta_field(meta, "phase", str, path),
         phase_round=_meta_field(meta, "phase_round", int, path), phase_keys=list(phase_keys),
         phase_arrays=arrays, foundation={k[3:]: v for k, v in tensors.items() if k.startswith("fm/")},
+        decoder={k[4:]: v for k, v in tensors.items() if k.startswith("dec/")},
         tasks=tasks, optimizer=optimizer, ledger_json=ledger_json,
         phases_done=[str(p) for p in phases_done])

@@ -115,7 +115,7 @@ def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = Fals
                           f"'{bundle.config.model.preset}'") from exc
     model = build_task_model(task, encoder, decoder_width or bundle.config.tasks.decoder_width)
     if task.name not in bundle.tasks and bundle.decoder and hasattr(model, "head"):
-        start_from_decoder(model, bundle)
+        start_from_decoder(model, bundle.decoder)
     if task.name in bundle.tasks:
         load_into(model, bundle.tasks[task.name], source=f"task model '{task.name}'")
     elif require_head:
@@ -125,13 +125,14 @@ def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = Fals
     return model
 
 
-def start_from_decoder(model: torch.nn.Module, bundle: Bundle) -> int:
-    """A dense task head from the bundle's pretrained decoder: every weight whose name and
-    shape match (all but the output layer, whose classes are the task's). Returns how many."""
+def start_from_decoder(model: torch.nn.Module, decoder: dict[str, torch.Tensor]) -> int:
+    """A dense task head from a pretrained decoder: every weight whose name and shape match
+    (all but the output layer, whose classes are the task's). Returns how many; a classifier
+    head matches none."""
     head = model.head
     assert isinstance(head, torch.nn.Module)
     own = head.state_dict()
-    matching = {k: v for k, v in bundle.decoder.items() if k in own and own[k].shape == v.shape}
+    matching = {k: v for k, v in decoder.items() if k in own and own[k].shape == v.shape}
     if matching:
         head.load_state_dict({**own, **matching})
     return len(matching)

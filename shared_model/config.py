@@ -152,6 +152,9 @@ class SSLConfig:
 
     method: SSLMethod = SSLMethod.mae
     local_steps: int = 10  # optimiser steps each site takes per round
+    # Every this many rounds (and in the last) a node with labelled frames reports a k-NN probe
+    # of its frozen patch tokens (probe_dice); labels are read for it, never trained on. 0: never
+    probe_every: int = 5
     batch_size: int = 32
     lr: float = 1.0e-3
     weight_decay: float = 0.05
@@ -281,8 +284,10 @@ class SimConfig:
     subjects_per_site: int = 3  # mean; sites differ in size
     cine_phases: Optional[int] = None  # shrink the cohort's cine series (None: each site's own)
     max_sax_slices: Optional[int] = None
-    # Real data folders, one site each, as "<format>:<path>[:<labels path>]" with format
-    # dicom | sunnybrook | acdc | mnms, e.g. "sunnybrook:../shared/data/sunnybrook".
+    # Real data folders, one site each, as "<format>:<path>[:<labels path>][?group=<name>]"
+    # with format dicom | sunnybrook | acdc | mnms | nnunet, e.g.
+    # "sunnybrook:../shared/data/sunnybrook" or, one site per pathology group of an nnU-Net
+    # dataset's cases.csv, "nnunet:../shared/data/sunnybrook-frames?group=hypertrophy".
     real_sites: list[str] = field(default_factory=list)
     cpus_per_site: float = 1.0  # Ray CPUs per simulated ClientApp
     federated_arms: list[FederatedArm] = field(default_factory=lambda: [FederatedArm()])
@@ -446,6 +451,9 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"key '{key}': {message}")
 
 
+REAL_SITE_FORMATS = ("dicom", "sunnybrook", "acdc", "mnms", "nnunet")
+
+
 def validate_config(cfg: FedCMRConfig) -> None:
     """Checks that types alone cannot express (ranges, known names, consistency)."""
     from shared_model.presets import PRESETS
@@ -481,9 +489,11 @@ def validate_config(cfg: FedCMRConfig) -> None:
     _require(not unknown_baselines, "sim.baselines",
              f"unknown {sorted(unknown_baselines)}; choose from local, central, scratch")
     for entry in cfg.sim.real_sites:
-        _require(entry.split(":", 1)[0] in ("dicom", "sunnybrook", "acdc", "mnms") and ":" in entry,
-                 "sim.real_sites", f"'{entry}' is not <format>:<path> with format dicom, "
-                 "sunnybrook, acdc or mnms")
+        _require(entry.split(":", 1)[0] in REAL_SITE_FORMATS and ":" in entry,
+                 "sim.real_sites", f"'{entry}' is not <format>:<path> with format "
+                 f"{', '.join(REAL_SITE_FORMATS)}")
+        _require("?" not in entry or entry.rsplit("?", 1)[1].startswith("group="),
+                 "sim.real_sites", f"'{entry}': the only option is ?group=<name> (nnunet)")
     sa = cfg.federation.secagg
     _require(sa.clipping_range > 0, "federation.secagg.clipping_range", "must be > 0")
     _require(sa.num_shares >= 3, "federation.secagg.num_shares",

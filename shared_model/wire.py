@@ -29,7 +29,8 @@ ALLOWED_METRICS = frozenset({
     "site_index",
     # training
     "num_images", "num_samples", "steps", "images_seen", "seconds", "resumed_from",
-    "loss_first", "loss_last", "loss_mean", "embed_std", "teacher_entropy",
+    "loss_first", "loss_last", "loss_mean", "embed_std", "teacher_entropy", "rankme",
+    "kl_to_center", "probe_dice",
     # sample-level DP bookkeeping
     "dp_epsilon", "dp_sample_rate", "dp_steps",
     # evaluation

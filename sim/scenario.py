@@ -141,13 +141,16 @@ def prepare_sites(cfg: FedCMRConfig, out: Path) -> list[Site]:
             sites.append(Site(SiteInfo(simulated_site_name(i), "synthetic", str(entry.get("vendor", "")),
                                        entry.get("field_strength_t"), int(entry.get("subjects", 0))), store))
     for entry in cfg.sim.real_sites:
+        entry, _, option = entry.partition("?")
         fmt, _, rest = entry.partition(":")
         path, _, labels = rest.partition(":")
         index = len(sites)
         store = simulated_site_store(out / "sites", index)
+        group = option.partition("=")[2] if option else None
         ingest(IngestOptions(src=Path(path), store=store, spacing_mm=cfg.data.spacing_mm,
                              crop_px=cfg.data.crop_px, labels=Path(labels) if labels else None,
-                             progress=False), fmt)
+                             progress=False, exclude_patients=frozenset(cfg.sim.holdout_patients),
+                             groups=frozenset({group}) if group else None), fmt)
         subjects = len({r.subject for r in LocalStore.open(store).manifest.series.values()})
         sites.append(Site(SiteInfo(simulated_site_name(index), fmt if fmt != "dicom" else "folder",
                                    subjects=subjects), store))

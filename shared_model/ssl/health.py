@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from shared_model.encoders import Encoder
+
 
 def embedding_std(features: torch.Tensor) -> float:
     """Mean over dimensions of the batch std of centred, L2-normalised embeddings."""
@@ -40,6 +42,22 @@ def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
     singular = torch.linalg.svdvals(x)
     p = singular / singular.sum().clamp(min=eps) + eps
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def patch_tokens(encoder: Encoder, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """(N, P, D) patch tokens of the encoder's last block (normed), whatever taps it has set."""
+    taps = encoder.taps
+    was_training = encoder.training
+    encoder.taps = ()
+    encoder.eval()
+    try:
+        prefix = int(encoder.num_prefix_tokens)
+        out = torch.cat([encoder(images[i:i + batch])[:, prefix:] for i in range(0, len(images), batch)])
+    finally:
+        encoder.taps = taps
+        encoder.train(was_training)
+    return out
 
 
 def patch_labels(masks: torch.Tensor, patch: int, value: int = 1) -> torch.Tensor:
