@@ -22,6 +22,7 @@ def test_rankme_counts_the_dimensions_in_use() -> None:
     gen = torch.Generator().manual_seed(0)
     full = torch.randn(256, 16, generator=gen)
     assert 13 < rankme(full) <= 16
+    assert rankme(full + 40.0) == pytest.approx(rankme(full), rel=1e-3)  # a shared offset
     one_dim = torch.randn(256, 1, generator=gen) * torch.ones(1, 16)
     assert rankme(one_dim) == pytest.approx(1.0, abs=0.05)
 
