@@ -29,7 +29,7 @@ from server.release import write_release
 from server.run_status import Outcome, RunStatus, write_outcome
 from server.state import ServerState, load_state, save_state
 from server.strategy import BudgetExceeded, PhaseInfo, PhaseStrategy, RunPaused
-from server.workflows import Workflow, timed_evaluate_workflow, timed_fit_workflow
+from server.workflows import Workflow, current_round, timed_evaluate_workflow, timed_fit_workflow
 from shared_model.config import (
     ConfigError,
     FedCMRConfig,
@@ -137,7 +137,7 @@ def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple
     return model, task_keys(model, cfg)
 
 
-def build_workflow(cfg: FedCMRConfig) -> DefaultWorkflow:
+def build_workflow(cfg: FedCMRConfig, strategy: PhaseStrategy | None = None) -> DefaultWorkflow:
     timeout = cfg.federation.round_timeout_s
     fit: Workflow
     if secagg_enabled(cfg):
@@ -147,9 +147,23 @@ def build_workflow(cfg: FedCMRConfig) -> DefaultWorkflow:
                                  clipping_range=sa.clipping_range,
                                  quantization_range=sa.quantization_range,
                                  max_weight=float(sa.max_weight), timeout=sa.timeout_s)
+        if strategy is not None:
+            fit = counting_halts(fit, strategy)
     else:
         fit = timed_fit_workflow(timeout)
     return DefaultWorkflow(fit_workflow=fit, evaluate_workflow=timed_evaluate_workflow(timeout))
+
+
+def counting_halts(fit: Workflow, strategy: PhaseStrategy) -> Workflow:
+    """SecAgg+'s fit step, after which a round the strategy never saw (the workflow halted it
+    before aggregation) is recorded as halted."""
+    def run(grid: Grid, context: Context) -> None:
+        server_round = current_round(context)
+        fit(grid, context)
+        if strategy.last_recorded != server_round:
+            strategy.record_halted(server_round)
+
+    return run
 
 
 def run_phase(grid: Grid, context: Context, run_cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState,
@@ -181,7 +195,7 @@ def run_phase(grid: Grid, context: Context, run_cfg: FedCMRConfig, spec: PhaseSp
     remaining = phase.rounds - phase.done_before
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
     if remaining > 0:
-        build_workflow(cfg)(grid, legacy)
+        build_workflow(cfg, strategy)(grid, legacy)
     if strategy.halt is not None:
         raise strategy.halt
     final = arrays_to_state_dict(strategy.current, keys, reference)

@@ -34,11 +34,12 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A federation's output.d
         for record in read_records(run_dir):
             if record["kind"] == RecordKind.fit:
                 phases.setdefault(record["phase"], []).append(record)
-        table = Table("phase", "rounds", "aggregated", "skipped", "last round")
+        table = Table("phase", "rounds", "aggregated", "skipped", "SecAgg+ halted", "last round")
         for phase, records in phases.items():
             table.add_row(phase, str(len(records)),
-                          str(sum(r["status"] == RoundStatus.aggregated for r in records)),
-                          str(sum(r["status"] == RoundStatus.skipped for r in records)), str(records[-1]["round"]))
+                          *(str(sum(r["status"] == s for r in records))
+                            for s in (RoundStatus.aggregated, RoundStatus.skipped, RoundStatus.halted)),
+                          str(records[-1]["round"]))
         console.print(table)
         if (run_dir / CHECKPOINT_FILE).is_file():
             cfg = load_config(run_dir / RESOLVED_CONFIG_NAME)

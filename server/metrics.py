@@ -45,6 +45,7 @@ class RecordKind(StrEnum):
 class RoundStatus(StrEnum):
     aggregated = "aggregated"
     skipped = "skipped"  # too few valid replies: the global model stayed as it was
+    halted = "halted"  # SecAgg+ aborted the round (too few sites finished it): the model stayed
     evaluated = "evaluated"
 
 

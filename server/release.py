@@ -75,8 +75,10 @@ def model_card(cfg: FedCMRConfig, state: ServerState, ledger: PrivacyLedger,
         f"{cfg.federation.aggregator.value}; SecAgg+: {'on' if secagg_enabled(cfg) else 'off'}; "
         f"differential privacy: {cfg.privacy.mode.value}",
         f"- sites that contributed: {len(sites)}",
-        _table(["phase", "rounds aggregated", "rounds skipped", "sites per round (mean)"], [
-            [p, sum(r.status == RoundStatus.aggregated for r in rs), sum(r.status == RoundStatus.skipped for r in rs),
+        _table(["phase", "rounds aggregated", "rounds skipped", "SecAgg+ rounds halted",
+                "sites per round (mean)"], [
+            [p, *(sum(r.status == s for r in rs) for s in (RoundStatus.aggregated, RoundStatus.skipped,
+                                                            RoundStatus.halted)),
              _fmt(sum(len(r.sites) for r in rs) / len(rs))] for p, rs in phases.items()]),
         "", "## Data (totals over all sites)", "", _data_table(phases),
         "", "## Results (last evaluation, example-weighted over sites)", "", _results_table(records),

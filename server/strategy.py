@@ -107,6 +107,7 @@ class PhaseStrategy(Strategy):
                                    cfg.federation.max_examples)
         self.noise_rng = np.random.default_rng(secrets.randbits(128))  # never predictable
         self.halt: RuntimeError | None = None
+        self.last_recorded: int | None = None  # the last fit round recorded (any status)
         self._started = time.perf_counter()
 
     # ------------------------------------------------------------------ round numbering
@@ -164,6 +165,15 @@ class PhaseStrategy(Strategy):
         self.halt = self.on_round(self._global_round(server_round), arrays)
         return ndarrays_to_parameters(arrays), aggregate
 
+    def record_halted(self, server_round: int) -> None:
+        """A SecAgg+ round that ended without an aggregate (Flower's workflow halted it): it is
+        counted, checkpointed and shown like any other round; the global model stays."""
+        log.warning("round %d: secure aggregation halted; global model unchanged",
+                    self._global_round(server_round))
+        self._record(server_round, [], {"secagg": "halted: too few sites finished the round"}, {},
+                     RoundStatus.halted)
+        self.halt = self.on_round(self._global_round(server_round), self.current)
+
     def _skip(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]],
               excluded: dict[str, str]) -> tuple[None, dict[str, Scalar]]:
         self._record(server_round, valid, excluded, {}, RoundStatus.skipped)
@@ -187,6 +197,7 @@ class PhaseStrategy(Strategy):
         loss, aggregate = self.inner.aggregate_evaluate(self._phase_round(server_round), results, failures)
         sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, "loss": r.loss,
                                            **outgoing_metrics(r.metrics)} for p, r in results}
+        self.last_recorded = server_round
         self.on_record(RoundRecord(
             round=self._global_round(server_round), phase=self.phase.label, status=RoundStatus.evaluated,
             seconds=0.0, sites=sites, aggregate={**dict(aggregate), **({"loss": loss} if loss is not None else {})},

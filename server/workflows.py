@@ -35,6 +35,11 @@ def _current(context: LegacyContext) -> tuple[int, Parameters]:
     return cast(int, cfg[Key.CURRENT_ROUND]), parameters
 
 
+def current_round(context: Context) -> int:
+    """The round the DefaultWorkflow is in (1-based, within the phase)."""
+    return _current(cast(LegacyContext, context))[0]
+
+
 def send_and_collect(grid: Grid, instructions: Sequence[tuple[ClientProxy, Ins]], message_type: str,
                      server_round: int, timeout_s: float, to_content: Callable[[Ins], RecordDict],
                      from_content: Callable[[RecordDict], Res],

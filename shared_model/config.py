@@ -291,7 +291,8 @@ class SimConfig:
     real_sites: list[str] = field(default_factory=list)
     cpus_per_site: float = 1.0  # Ray CPUs per simulated ClientApp
     federated_arms: list[FederatedArm] = field(default_factory=lambda: [FederatedArm()])
-    baselines: list[str] = field(default_factory=lambda: ["local", "central", "scratch"])
+    # local, central, scratch (encoders), unet (a supervised MONAI U-Net, dense tasks only)
+    baselines: list[str] = field(default_factory=lambda: ["local", "central", "scratch", "unet"])
     label_budgets: list[int] = field(default_factory=lambda: [1])  # 0: all labelled subjects
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # Federated fine-tuning (besides local) for these arms; [] = the first federated arm and
@@ -485,9 +486,9 @@ def validate_config(cfg: FedCMRConfig) -> None:
     _require(all(b >= 0 for b in cfg.sim.label_budgets) and bool(cfg.sim.label_budgets),
              "sim.label_budgets", "must be a non-empty list of counts >= 0 (0: all)")
     _require(bool(cfg.sim.seeds), "sim.seeds", "must name at least one seed")
-    unknown_baselines = set(cfg.sim.baselines) - {"local", "central", "scratch"}
+    unknown_baselines = set(cfg.sim.baselines) - {"local", "central", "scratch", "unet"}
     _require(not unknown_baselines, "sim.baselines",
-             f"unknown {sorted(unknown_baselines)}; choose from local, central, scratch")
+             f"unknown {sorted(unknown_baselines)}; choose from local, central, scratch, unet")
     for entry in cfg.sim.real_sites:
         _require(entry.split(":", 1)[0] in REAL_SITE_FORMATS and ":" in entry,
                  "sim.real_sites", f"'{entry}' is not <format>:<path> with format "

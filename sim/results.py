@@ -53,6 +53,7 @@ class ArmKind(StrEnum):
     local = "local"  # at each site alone: one encoder per site
     central = "central"  # on the pooled images (the upper bound)
     scratch = "scratch"  # not at all
+    supervised = "supervised"  # no foundation encoder: a MONAI U-Net on the labels alone
 
 
 class FinetuneMode(StrEnum):

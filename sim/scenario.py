@@ -59,6 +59,7 @@ from shared_model.finetune import predict_all
 from shared_model.phase_models import initial_ssl_model, initial_task_model
 from shared_model.tasks import Task, TaskData, TaskKind, get_task
 from shared_model.tasks.models import TaskModel
+from shared_model.tasks.unet import build_unet
 from shared_model.tasks.scoring import headline_metric
 from shared_model.train import Span, make_generator, make_optimizer, pretrain_local, resolve_device
 from shared_model.weights import load_safetensors, save_safetensors
@@ -348,7 +349,12 @@ def _local_job(job: LocalFinetuneJob) -> tuple[list[FinetuneRow], list[Overlay]]
     device = resolve_device(cfg.device)
     rows, overlays = [], []
     for arm, encoder in job.encoders.items():
-        model = _task_model(plan, task, Path(encoder))
+        if not encoder:  # the supervised U-Net: dense tasks only, nothing pretrained
+            if task.kind not in (TaskKind.segmentation, TaskKind.landmarks):
+                continue
+            model: torch.nn.Module = build_unet(task)
+        else:
+            model = _task_model(plan, task, Path(encoder))
         _, metrics = finetune_at_node(model, task, train, test, plan, device=device,
                                       gen=make_generator(job.seed, "finetune", job.site, job.task))
         rows.append(_row(arm, task, job.budget, job.seed, FinetuneMode.local, job.site, metrics,
@@ -370,7 +376,8 @@ def local_finetune(cfg: FedCMRConfig, arms: dict[str, ArmResult], sites: list[Si
                 for seed in cfg.sim.seeds:
                     overlay = (fm if cfg.sim.overlays and site is sites[0] and seed == cfg.sim.seeds[0]
                                and budget == min(cfg.sim.label_budgets) else "")
-                    encoders = {name: str(arm.encoder_for(site.name)) for name, arm in arms.items()
+                    encoders = {name: "" if arm.arm.kind == ArmKind.supervised
+                                else str(arm.encoder_for(site.name)) for name, arm in arms.items()
                                 if not cfg.sim.local_finetune_arms or name in cfg.sim.local_finetune_arms}
                     jobs.append(LocalFinetuneJob(text, site.name, str(site.store), task, budget, seed,
                                                  encoders, overlay, str(out)))
@@ -494,6 +501,9 @@ def run_scenario(cfg: FedCMRConfig, out: Path) -> Path:
         arms.update(baseline_arms(cfg, out, sites))
         if "scratch" in cfg.sim.baselines:
             arms["scratch"] = scratch_arm(cfg, out)
+        if "unet" in cfg.sim.baselines:
+            arms["unet"] = ArmResult(Arm(name="unet", kind=ArmKind.supervised, rounds=0, seconds=0.0),
+                                     {POOLED_SITE: Path("")})
 
     _timed(timings, "pretraining", pretrain)
     local_rows, overlays = _timed(timings, "finetuning_local", lambda: local_finetune(cfg, arms, sites, out))

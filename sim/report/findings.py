@@ -38,8 +38,10 @@ class Headline:
     scratch: float | None = None
     local: float | None = None  # mean over the local-only arms
     central: float | None = None
+    unet: float | None = None  # the supervised U-Net
     gap_vs_scratch: float | None = None
     gap_vs_local: float | None = None
+    gap_vs_unet: float | None = None
     fed_central_ratio: float | None = None
 
 
@@ -57,12 +59,12 @@ def headline(results: ScenarioResults) -> Headline:
     budget, metric, fm = table.budgets(task)[0], table.metric(task), fms[0]
     central = central_for(fm, arms)
     groups = {"scratch": of_kind(arms, ArmKind.scratch)[:1], "local": of_kind(arms, ArmKind.local),
-              "central": [central] if central else []}
+              "central": [central] if central else [], "unet": of_kind(arms, ArmKind.supervised)[:1]}
     present = [a.name for g in groups.values() for a in g if table.has_any(a.name, task, budget)]
     mode = table.common_mode([fm.name, *present], task, budget) or table.preferred_mode(fm.name, task, budget)
     fm_value = table.mean_of([fm], task, budget, mode)
     means = {key: table.mean_of(group, task, budget, mode) for key, group in groups.items()}
-    gaps: dict[str, float | None] = {"scratch": None, "local": None}
+    gaps: dict[str, float | None] = {"scratch": None, "local": None, "unet": None}
     ratio = None
     if fm_value is not None:
         for key in gaps:
@@ -72,8 +74,9 @@ def headline(results: ScenarioResults) -> Headline:
             ratio = fm_ratio(fm_value, central_value, metric)
     return Headline(task=task, budget=budget, metric=metric, higher_is_better=higher_is_better(metric),
                     fm_arm=fm.name, mode=mode, fm=fm_value, scratch=means["scratch"],
-                    local=means["local"], central=means["central"], gap_vs_scratch=gaps["scratch"],
-                    gap_vs_local=gaps["local"], fed_central_ratio=ratio)
+                    local=means["local"], central=means["central"], unet=means["unet"],
+                    gap_vs_scratch=gaps["scratch"], gap_vs_local=gaps["local"],
+                    gap_vs_unet=gaps["unet"], fed_central_ratio=ratio)
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,8 @@ def plain_statements(results: ScenarioResults) -> list[str]:
     if not fms:
         return ["No federated arm: there is no foundation model to compare."]
     baselines = (("scratch", of_kind(arms, ArmKind.scratch)[:1]),
-                 ("local-only pretraining", of_kind(arms, ArmKind.local)))
+                 ("local-only pretraining", of_kind(arms, ArmKind.local)),
+                 ("the supervised U-Net", of_kind(arms, ArmKind.supervised)[:1]))
     tasks = table.tasks(results.scenario.tasks)
     out = []
     for fm in fms:

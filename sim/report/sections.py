@@ -72,8 +72,10 @@ def section_headline(ctx: ReportContext) -> list[str]:
             [f"FM ({h.fm_arm})", fmt_value(h.fm, metric)], ["scratch", fmt_value(h.scratch, metric)],
             ["local-only (mean of arms)", fmt_value(h.local, metric)],
             ["central", fmt_value(h.central, metric)],
+            ["supervised U-Net", fmt_value(h.unet, metric)],
             ["gap vs scratch (+ = FM better)", fmt_gap(h.gap_vs_scratch, metric)],
             ["gap vs local-only (+ = FM better)", fmt_gap(h.gap_vs_local, metric)],
+            ["gap vs the U-Net (+ = FM better)", fmt_gap(h.gap_vs_unet, metric)],
             ["fed/central ratio (> 1 = FM better)", fmt_value(h.fed_central_ratio)]]
     return lines + md_table(["", "value"], rows) + [""]
 

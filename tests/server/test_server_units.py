@@ -307,3 +307,26 @@ def test_a_silent_site_counts_as_a_timeout_in_fit_and_evaluate_rounds(monkeypatc
     assert [proxy.node_id for proxy, _ in results] == [1]
     assert [type(f).__name__ for f in failures] == ["TimeoutError"]
     assert "no reply within 5 s" in str(failures[0])
+
+
+def test_a_halted_secagg_round_is_recorded_and_the_model_stays() -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+    from server.app import counting_halts
+
+    # Prepare: a fit step that ends without aggregating (as SecAgg+ does when it halts)
+    records: list = []
+    strategy, rounds = _strategy(records)
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                                    run_config={}), config=ServerConfig(num_rounds=3), strategy=strategy)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 2})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([np.zeros(1, np.float32)])
+
+    # Execute
+    counting_halts(lambda grid, ctx: None, strategy)(None, context)
+
+    # Assert
+    assert [r.status for r in records] == [RoundStatus.halted] and rounds == [2]
+    assert all(np.array_equal(a, b) for a, b in zip(strategy.current, GLOBAL, strict=True))
