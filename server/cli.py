@@ -53,5 +53,19 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A federation's output.d
                                   highlight=False)
 
 
+@app.command()
+def export(run_dir: Annotated[Path, typer.Argument(help="A finished federation's output.dir")],
+           out: Annotated[Path, typer.Option("--out", help="Folder for the release bundle")]) -> None:
+    """Write the run's release bundle (encoder, decoder, task models, config, model card) into
+    OUT from its checkpoint, metrics and privacy ledger."""
+    from rich.console import Console
+
+    from server.release import export_release
+
+    with user_errors():
+        bundle = export_release(run_dir, out)
+    Console().print(f"release written to {bundle}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     app()

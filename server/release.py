@@ -7,6 +7,7 @@ per-task results of the last evaluation, and the privacy ledger.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,6 +42,29 @@ def write_release(run_dir: Path, cfg: FedCMRConfig, state: ServerState, ledger: 
     return out
 
 
+def export_release(run_dir: Path, out: Path) -> Path:
+    """The release bundle of a finished run, written anew into ``out`` from the run's
+    checkpoint, metrics and ledger (e.g. to ship it, or after the model card changed)."""
+    from server.metrics import read_records
+    from server.state import load_state
+    from shared_model.config import RESOLVED_CONFIG_NAME, load_config
+
+    cfg = load_config(run_dir / RESOLVED_CONFIG_NAME)
+    state = load_state(run_dir, cfg)
+    ledger = PrivacyLedger.from_json(state.ledger_json) if state.ledger_json else PrivacyLedger(
+        cfg.privacy.delta, cfg.privacy.accountant)
+    records = [RoundRecord.from_json(r) for r in read_records(run_dir)]
+    staging = write_release(out.parent / f".{out.name}.staging", cfg, state, ledger, records)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(target)
+    shutil.rmtree(staging.parent)
+    return out
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -65,22 +89,34 @@ def model_card(cfg: FedCMRConfig, state: ServerState, ledger: PrivacyLedger,
         "that kept their images, with Flower.", "",
         "## Model", "",
         f"- encoder preset `{preset.name}`: ViT, width {preset.embed_dim}, depth {preset.depth}, "
-        f"patch {preset.patch_size} px, input {preset.image_size} px, 1 channel",
+        f"patch {preset.patch_size} px, input {preset.image_size} px, 1 channel"
+        + (f", convolutional stem ({preset.stem_width} channels at full resolution)"
+           if preset.stem == "conv" else ""),
+        f"- input grid: {preset.image_size} px of "
+        f"{cfg.data.spacing_mm * cfg.data.crop_px / preset.image_size:g} mm "
+        f"({cfg.data.spacing_mm * cfg.data.crop_px:g} mm field of view)",
         f"- load with timm: `timm.create_model('{preset.timm_name}', in_chans=1, num_classes=0, "
         f"checkpoint_path='{ENCODER_FILE}')`" + ("" if not preset.timm_name.startswith("fedcmr_")
                                                  else " after `import shared_model.encoders`"),
         f"- task models: {', '.join(f'`{TASKS_DIR}/{t}.safetensors`' for t in sorted(state.tasks)) or 'none'}",
+        *([f"- `{DECODER_FILE}`: the dense decoder pretrained with the encoder (MAE with "
+           "ssl.mae.decoder=dense); segmentation and landmark heads start from it"]
+          if state.decoder else []),
         "", "## Training", "",
         f"- self-supervised method: {cfg.ssl.method.value}; aggregation: "
         f"{cfg.federation.aggregator.value}; SecAgg+: {'on' if secagg_enabled(cfg) else 'off'}; "
         f"differential privacy: {cfg.privacy.mode.value}",
-        f"- sites that contributed: {len(sites)}",
+        f"- sites that contributed: {len(sites)}", "",
         _table(["phase", "rounds aggregated", "rounds skipped", "SecAgg+ rounds halted",
                 "sites per round (mean)"], [
             [p, *(sum(r.status == s for r in rs) for s in (RoundStatus.aggregated, RoundStatus.skipped,
                                                             RoundStatus.halted)),
              _fmt(sum(len(r.sites) for r in rs) / len(rs))] for p, rs in phases.items()]),
+        _compute_line(fits),
         "", "## Data (totals over all sites)", "", _data_table(phases),
+        *(["", f"Held out of every site (a fixed test set, never pretrained on): "
+           f"{', '.join(cfg.sim.holdout_patients)}."] if cfg.sim.holdout_patients else []),
+        "", "## Health of the representation (last pretraining round)", "", _health_table(fits),
         "", "## Results (last evaluation, example-weighted over sites)", "", _results_table(records),
         "", "## Privacy ledger", "", _ledger_section(cfg, ledger),
         "", "## Intended use", "",
@@ -88,6 +124,30 @@ def model_card(cfg: FedCMRConfig, state: ServerState, ledger: PrivacyLedger,
         "tasks of the FedCMR task registry. Not a medical device; outputs need expert review.",
     ]
     return "\n".join(parts) + "\n"
+
+
+HEALTH_SIGNALS = ("loss_mean", "embed_std", "rankme", "teacher_entropy", "kl_to_center",
+                  "probe_dice")
+
+
+def _compute_line(fits: list[RoundRecord]) -> str:
+    """Optimiser steps and images seen, summed over sites and rounds; wall time of the rounds."""
+    steps = sum(float(m.get("steps", 0)) for r in fits for m in r.sites.values())
+    images = sum(float(m.get("images_seen", 0)) for r in fits for m in r.sites.values())
+    seconds = sum(r.seconds for r in fits)
+    return (f"- compute: {steps:.0f} optimiser steps and {images:.0f} images seen over all sites "
+            f"and rounds; {seconds / 60:.1f} min of wall time in the rounds")
+
+
+def _health_table(fits: list[RoundRecord]) -> str:
+    pretrain = [r for r in fits if r.status == RoundStatus.aggregated and r.phase == "pretrain"]
+    if not pretrain:
+        return "No pretraining round was aggregated."
+    rows = [[k, _fmt(pretrain[-1].aggregate[k])] for k in HEALTH_SIGNALS if k in pretrain[-1].aggregate]
+    probes = [r for r in pretrain if "probe_dice" in r.aggregate]
+    if probes and probes[-1] is not pretrain[-1]:
+        rows.append([f"probe_dice (round {probes[-1].round})", _fmt(probes[-1].aggregate["probe_dice"])])
+    return _table(["signal", "value (example-weighted over sites)"], rows) if rows else "None reported."
 
 
 def _data_table(phases: dict[str, list[RoundRecord]]) -> str:

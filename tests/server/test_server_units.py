@@ -330,3 +330,28 @@ def test_a_halted_secagg_round_is_recorded_and_the_model_stays() -> None:
     # Assert
     assert [r.status for r in records] == [RoundStatus.halted] and rounds == [2]
     assert all(np.array_equal(a, b) for a, b in zip(strategy.current, GLOBAL, strict=True))
+
+
+def test_export_writes_the_release_of_a_run(tmp_path: Path) -> None:
+    from server.release import export_release
+
+    # Prepare: a checkpoint of a finished pretraining (a real run's state, written here)
+    from server.ledger import PrivacyLedger as Ledger
+    from server.state import ServerState as State
+    from shared_model.config import save_resolved_config
+    from shared_model.encoders import build_encoder
+
+    cfg = load_config("demo-cpu", [f"output.dir={tmp_path / 'run'}"])
+    save_resolved_config(cfg, tmp_path / "run")
+    torch.manual_seed(0)
+    encoder = {k: v.clone() for k, v in build_encoder(cfg.model.preset).state_dict().items()}
+    save_state(tmp_path / "run", State(global_round=2, foundation=encoder,
+                                       ledger_json=Ledger(1e-5).to_json()), cfg)
+
+    # Execute
+    out = export_release(tmp_path / "run", tmp_path / "bundle")
+
+    # Assert
+    assert {p.name for p in out.iterdir()} >= {"encoder.safetensors", "config.yaml", "model_card.md"}
+    assert torch.equal(load_safetensors(out / "encoder.safetensors")[0]["pos_embed"], encoder["pos_embed"])
+    assert not list(tmp_path.glob(".*staging*"))
