@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # Tools started by Flower (flower-superlink, flower-supernode) come from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Every CPU benchmark in benchmarks/ (about 40 min on 2 cores): bench-results.json and a table.
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/run_all.py --out bench-results.json
 
 clean:
 	rm -rf runs .pytest_cache

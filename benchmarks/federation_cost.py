@@ -38,6 +38,7 @@ from shared_model.train import Span, make_generator, make_optimizer, pretrain_lo
 from shared_model.weights import state_dict_nbytes
 from sim.runner import run_federation
 from sim.sites import site_spec, write_site_frames
+from measures import Measure, write_measures
 
 SITES = 3
 # Ray fits floor(2 CPUs / this) actors: 0.666 lets all three train at once (0.667 would fit two).
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=40)
     parser.add_argument("--ssl-head", default="aggregated", choices=["aggregated", "local"])
+    parser.add_argument("--json", type=Path, default=None, help="write the measures here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedcmr-bench-"))
     sites_root = work / "sites"
@@ -149,6 +151,12 @@ def main() -> None:
               f"{r['round_s'] / reference:15.3f} {goal_t:6.2f} {r['upload_bytes'] / 1e6:10.3f} "
               f"{r['upload_bytes'] / encoder_bytes:16.3f} {goal_b:6.2f}")
     print(f"(work folder: {work})")
+    write_measures(args.json, "federation_cost", [
+        m for secagg, goal_t, goal_b in ((False, 1.10, 1.05), (True, 1.5, 2.05)) for m in (
+            Measure(f"round time / plain loop ({'SecAgg+' if secagg else 'plain'})",
+                    results[secagg]["round_s"] / reference, f"<= {goal_t}"),
+            Measure(f"upload per site-round / encoder fp32 ({'SecAgg+' if secagg else 'plain'})",
+                    results[secagg]["upload_bytes"] / encoder_bytes, f"<= {goal_b}"))])
 
 
 if __name__ == "__main__":

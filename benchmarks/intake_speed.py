@@ -37,6 +37,7 @@ from typer.testing import CliRunner
 
 from client.cli import app
 from client.intake.scan import list_files
+from measures import Measure, write_measures
 
 SUNNYBROOK_DICOMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sunnybrook" / "dicoms"
 BARE_LOOP = ("import sys, warnings, pydicom\n"
@@ -105,7 +106,7 @@ def paired_runs(files: list[Path], args: argparse.Namespace, work: Path) -> list
     return pairs
 
 
-def report(label: str, n: int, pairs: list[tuple[float, float]]) -> None:
+def report(label: str, n: int, pairs: list[tuple[float, float]]) -> float:
     print(f"{label}: repeat  bare dcmread files/s  ingest files/s  ratio")
     for i, (bare, ingest) in enumerate(pairs, 1):
         print(f"  {i:>{len(label) + 5}d}  {n / bare:19.1f}  {n / ingest:14.1f}  {bare / ingest:5.2f}")
@@ -115,6 +116,7 @@ def report(label: str, n: int, pairs: list[tuple[float, float]]) -> None:
     print(f"fedcmr-client ingest: {n / ingest:8.1f} files/s  (median {ingest:.3f} s)")
     print(f"bare pydicom.dcmread: {n / bare:8.1f} files/s  (median {bare:.3f} s)")
     print(f"ratio ingest / bare:  {ratio:.2f}  (median of {len(pairs)} paired repeats; goal >= 0.8)")
+    return ratio
 
 
 def main() -> None:
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="0: the intake's default (<= 2)")
     parser.add_argument("--cold", action="store_true",
                         help="also time both as new processes (start-up and imports included)")
+    parser.add_argument("--json", type=Path, default=None, help="write the measures here")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.crop_px=128")
     args = parser.parse_args()
     if not args.src.exists():
@@ -142,7 +145,8 @@ def main() -> None:
     print(f"cpu cores: {os.cpu_count()}, load average (1/5/15 min) before: "
           f"{' '.join(f'{x:.2f}' for x in load_before)}, after: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    report("in-process", len(files), pairs)
+    ratio = report("in-process", len(files), pairs)
+    write_measures(args.json, "intake_speed", [Measure("intake files/s / bare pydicom files/s", ratio, ">= 0.8")])
     if cold:
         report("cold (new processes)", len(files), cold)
     print(f"last ingest summary: {summary.strip()}")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import psutil
+from measures import Measure, write_measures
 
 
 def _federate(sites: int, rounds: int, local_steps: int, work: str) -> None:
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--limit-s", type=float, default=3600.0, help="per size; stops a stuck run")
+    parser.add_argument("--json", type=Path, default=None, help="write the measures here")
     args = parser.parse_args()
     rows = []
     for sites in args.sizes:
@@ -93,6 +95,9 @@ def main() -> None:
         (n0, t0, _), (n1, t1, _) = rows[0], rows[-1]
         print(f"time ratio {t1 / t0:.2f} for a site ratio of {n1 / n0:.1f} (linear: equal); "
               f"goal: 32 sites under 8 GiB")
+        write_measures(args.json, "scale", [
+            Measure(f"wall time {n1} / {n0} sites (site ratio {n1 / n0:g})", t1 / t0, f"<= {n1 / n0:g}"),
+            Measure(f"peak memory, {n1} sites", rows[-1][2] / 2**30, "<= 8", "GiB")])
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from measures import Measure, write_measures
 from sim.real_protocol import ARMS, frame_patients, held_out_tests, patient_store, run_arm, score, training_sets
 
 # ------------------------------------------------------------------------------- main
@@ -74,8 +75,27 @@ def main() -> None:
                       f"myo {result.myo:.3f} ({report.steps} steps)", flush=True)
     print_table(rows, args, fm, tests.patients, time.monotonic() - started)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "machine": machine(),
-                                         "seconds_per_run": args.seconds}, indent=1))
+        write_measures(args.json, "sunnybrook_fewshot", fewshot_measures(rows, args))
+        args.json.with_suffix(".rows.json").write_text(json.dumps(
+            {"rows": rows, "machine": machine(), "seconds_per_run": args.seconds}, indent=1))
+
+
+def fewshot_measures(rows: list[dict], args: argparse.Namespace) -> list[Measure]:
+    """Per budget: each arm's mean blood-pool and myocardium Dice, and the FM against the
+    U-Net and scratch (ratio of means; goal: ahead of both, i.e. > 1)."""
+    out = []
+    for budget in args.budgets:
+        mean = {(arm, key): statistics.mean(r[key] for r in rows if r["budget"] == budget and r["arm"] == arm)
+                for arm in args.arms for key in ("blood", "myo")}
+        for arm in args.arms:
+            out.append(Measure(f"{budget} labelled: {arm} blood-pool Dice", mean[arm, "blood"]))
+            out.append(Measure(f"{budget} labelled: {arm} myocardium Dice", mean[arm, "myo"]))
+        for other in ("unet", "scratch"):
+            if "fm" in args.arms and other in args.arms:
+                for key in ("blood", "myo"):
+                    out.append(Measure(f"{budget} labelled: FM / {other} ({key})",
+                                       mean["fm", key] / mean[other, key], ">= 1.0"))
+    return out
 
 
 def machine() -> str:
