@@ -302,7 +302,8 @@ class FedCMRClient(NumPyClient):
     @staticmethod
     def _dp_settings(plan: FedCMRConfig) -> DPSettings:
         p = plan.privacy
-        return DPSettings(p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant)
+        return DPSettings(p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant,
+                      p.reproducible_noise)
 
     def _dp_history(self) -> list[list[float]]:
         record = self.context.state.config_records.get(STATE_DP)

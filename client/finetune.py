@@ -197,7 +197,8 @@ def _dp_settings(cfg: FedCMRConfig) -> DPSettings | None:
     if cfg.privacy.mode != PrivacyMode.sample:
         return None
     p = cfg.privacy
-    return DPSettings(p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant)
+    return DPSettings(p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant,
+                      p.reproducible_noise)
 
 
 def _json_safe(value: object) -> object:

@@ -180,5 +180,10 @@ def _ledger_section(cfg: FedCMRConfig, ledger: PrivacyLedger) -> str:
     rows = [[site, *(_fmt(v) for v in eps.values())] for site, eps in summary.items()]
     header = ["site", *next(iter(summary.values())).keys()]
     budget = cfg.privacy.epsilon_budget
+    noise = ("" if cfg.privacy.mode.value != "sample" else
+             "; sample-level noise: " + ("seeded from the plan (a simulation setting: "
+                                         "reproducible, and predictable to whoever knows the seed)"
+                                         if cfg.privacy.reproducible_noise else
+                                         "drawn at each node from OS entropy"))
     return (f"delta = {ledger.delta:g}, accountant: {ledger.accountant}; budget: "
-            f"{budget if budget is not None else 'none'}\n\n" + _table(header, rows))
+            f"{budget if budget is not None else 'none'}{noise}\n\n" + _table(header, rows))

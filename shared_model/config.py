@@ -259,6 +259,9 @@ class PrivacyConfig:
     update_clip_norm: float = 1.0  # L2 clip of each site's update (user-level DP)
     delta: float = 1.0e-5
     accountant: str = "prv"  # prv | rdp (Opacus accountants)
+    # Sample-level DP noise from the plan's seed (reproducible runs): simulations only. False:
+    # each node draws it from OS entropy, unpredictable to the server.
+    reproducible_noise: bool = False
     # Stop before any round (or the release) that would take a site past this epsilon.
     # None: no budget (epsilon is still accounted and reported).
     epsilon_budget: Optional[float] = None

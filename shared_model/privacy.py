@@ -10,6 +10,7 @@ after a resume equals epsilon of an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,20 @@ class DPSettings:
     max_grad_norm: float
     delta: float
     accountant: str = "prv"
+    # False (always in a deployment): noise and Poisson sampling draw from a generator seeded
+    # from the OS's entropy at the node, so nobody who knows the plan's seed (which a release
+    # publishes) can predict and subtract the noise. True only in simulations that must
+    # reproduce their numbers; the model card says so.
+    reproducible_noise: bool = False
+
+
+def private_generator(settings: DPSettings, seeded: torch.Generator) -> torch.Generator:
+    """The generator DP-SGD's noise and sampling draw from (see ``reproducible_noise``)."""
+    if settings.reproducible_noise:
+        return seeded
+    gen = torch.Generator()
+    gen.manual_seed(secrets.randbits(63))
+    return gen
 
 
 @dataclass
@@ -86,6 +101,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     engine = _opacus().PrivacyEngine(accountant=settings.accountant)
     if history:
         engine.accountant.history = [(float(n), float(q), int(s)) for n, q, s in history]
+    gen = private_generator(settings, gen)
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)),
                                          generator=gen)
     with warnings.catch_warnings():

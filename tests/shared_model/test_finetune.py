@@ -152,3 +152,17 @@ def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit
     with pytest.raises(CheckpointError, match=fragment) as caught:
         load_loop_state(path)
     assert str(path) in str(caught.value)
+
+
+def test_dp_noise_is_unpredictable_unless_a_simulation_asks_for_reproducible_noise(sax_data) -> None:
+    def weights_after(dp: DPSettings) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = _model()
+        finetune(model, get_task("sax_seg"), sax_data, _settings(mode=FinetuneMode.full, steps=2),
+                 gen=make_generator(0), device=CPU, dp=dp)
+        return torch.cat([p.detach().flatten() for p in model.head.parameters()])
+
+    secure = DPSettings(1.0, 1.0, 1e-5)
+    assert not torch.equal(weights_after(secure), weights_after(secure))  # same plan seed
+    seeded = DPSettings(1.0, 1.0, 1e-5, reproducible_noise=True)
+    assert torch.equal(weights_after(seeded), weights_after(seeded))
