@@ -38,7 +38,8 @@ from shared_model.ssl.base import SSLModel
 from shared_model.ssl.dino import DINO
 from shared_model.tasks import Task, TaskData, TaskDataError, get_task
 from shared_model.tasks.models import TaskModel
-from shared_model.train import Span, make_generator, make_optimizer, pretrain_local, resolve_device
+from shared_model.distributed import pretrain_data_parallel
+from shared_model.train import Span, derive_seed, make_generator, make_optimizer, pretrain_local, resolve_device
 from shared_model.weights import arrays_to_state_dict, load_into, state_dict_to_arrays, strip_opacus
 from shared_model.wire import (
     FINETUNE,
@@ -146,7 +147,9 @@ class FedCMRClient(NumPyClient):
 
     def __init__(self, store: Path, device: str, site_index: int, context: Context) -> None:
         self.store_path = store
-        self.device = resolve_device(device)
+        # "cuda:0,cuda:1": local pretraining runs data-parallel over those devices (torch DDP)
+        self.devices = [d.strip() for d in device.split(",") if d.strip()] or ["auto"]
+        self.device = resolve_device(self.devices[0])
         self.site_index = site_index
         self.context = context
 
@@ -205,10 +208,17 @@ class FedCMRClient(NumPyClient):
             private = make_private(model, optimizer, torch.utils.data.TensorDataset(images),
                                    plan.ssl.batch_size, dp, gen, self._dp_history())
         try:
-            result = pretrain_local(model, images, steps=plan.ssl.local_steps,
-                                    batch_size=plan.ssl.batch_size, optimizer=optimizer, gen=gen,
-                                    device=self.device, base_lr=plan.ssl.lr, span=span,
-                                    proximal_mu=mu, private=private)
+            if len(self.devices) > 1 and private is None and mu == 0:
+                result = pretrain_data_parallel(model.cpu(), images, self.devices, plan,
+                                                steps=plan.ssl.local_steps, span=span,
+                                                seed=derive_seed(plan.seed, "site", self.site_index,
+                                                                 "span", f"{span.start:.6f}"))
+                model.to(self.device)
+            else:
+                result = pretrain_local(model, images, steps=plan.ssl.local_steps,
+                                        batch_size=plan.ssl.batch_size, optimizer=optimizer, gen=gen,
+                                        device=self.device, base_lr=plan.ssl.lr, span=span,
+                                        proximal_mu=mu, private=private)
         finally:
             if private is not None:
                 private.close()
