@@ -103,13 +103,12 @@ def finetune(
     from rich.console import Console
 
     from client.finetune import finetune_on_store
-    from shared_model.shipped import default_model
 
     if arch not in ("fm", "unet"):
         raise typer.BadParameter(f"'{arch}' is not fm or unet", param_hint="--arch")
     with user_errors():
         cfg = load_cli_config(config, [f"tasks.arch={arch}", *(overrides or [])])
-        bundle = model if model is not None or arch == "unet" else default_model()
+        bundle = model if model is not None else shipped_or_none(arch)
         report = finetune_on_store(task, bundle, store, out, cfg, label_budget, test_fraction)
     console = Console()
     tested = (f"tested on {report.test_samples} samples from {report.test_subjects} subjects"
@@ -122,6 +121,19 @@ def finetune(
     if report.epsilon:
         console.print(f"  sample-level DP epsilon      {report.epsilon:.3f}", highlight=False)
     console.print(f"bundle written to {out}", highlight=False, soft_wrap=True)
+
+
+def shipped_or_none(arch: str) -> Path | None:
+    """The shipped model (for a U-Net: only its input grid), or None for a U-Net without one."""
+    from shared_model.bundle import BundleError
+    from shared_model.shipped import default_model
+
+    try:
+        return default_model()
+    except BundleError:
+        if arch == "unet":
+            return None
+        raise
 
 
 @app.command()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.store import LocalStore
+from client.store import LocalStore, StoreError
 from shared_model.bundle import (
     Bundle,
     BundleError,
@@ -117,6 +117,16 @@ def pooled_series(store_paths: Sequence[Path], task: Task) -> list[SeriesData]:
     return series
 
 
+def check_store_grid(path: Path, cfg: FedCMRConfig) -> None:
+    """The store's grid must be the model's: its pixels are resized to the model's input as is."""
+    manifest = LocalStore.open(path).manifest
+    if (manifest.spacing_mm, manifest.crop_px) != (cfg.data.spacing_mm, cfg.data.crop_px):
+        raise StoreError(
+            f"{path}: the store's grid is {manifest.spacing_mm} mm x {manifest.crop_px} px, the "
+            f"model's {cfg.data.spacing_mm} mm x {cfg.data.crop_px} px; ingest into a new store "
+            f"with data.spacing_mm={cfg.data.spacing_mm} data.crop_px={cfg.data.crop_px}")
+
+
 def task_series(store: LocalStore, task: Task) -> list[str]:
     """Keys of the store's series a task can use, so only those arrays are loaded."""
     sequences, views = getattr(task, "sequences", ()), getattr(task, "views", ())
@@ -150,12 +160,17 @@ def finetune_on_store(task_name: str, bundle_path: Path | None, store_path: Path
     """
     task = get_task(task_name)
     bundle = load_bundle(bundle_path) if bundle_path is not None else None
-    if bundle is not None and cfg.tasks.arch == TaskArch.fm:
-        cfg.model = bundle.config.model  # the bundle's encoder defines the architecture
+    if bundle is not None:  # its encoder and input grid (a U-Net takes the same grid)
+        cfg.model, cfg.data = bundle.config.model, bundle.config.data
     elif cfg.tasks.arch == TaskArch.fm:
         raise BundleError("fine-tuning the foundation model needs --model BUNDLE (or a shipped "
                           "model: `fedcmr-client models`)")
     stores = [store_path] if isinstance(store_path, (str, Path)) else list(store_path)
+    if bundle is None:  # a U-Net of its own: the (first) store's grid
+        manifest = LocalStore.open(Path(stores[0])).manifest
+        cfg.data.spacing_mm, cfg.data.crop_px = manifest.spacing_mm, manifest.crop_px
+    for path in stores:
+        check_store_grid(Path(path), cfg)
     size = get_preset(cfg.model.preset).image_size
     data = task.build(pooled_series([Path(p) for p in stores], task), size)
     if len(data) == 0:

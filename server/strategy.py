@@ -197,7 +197,6 @@ class PhaseStrategy(Strategy):
         loss, aggregate = self.inner.aggregate_evaluate(self._phase_round(server_round), results, failures)
         sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, "loss": r.loss,
                                            **outgoing_metrics(r.metrics)} for p, r in results}
-        self.last_recorded = server_round
         self.on_record(RoundRecord(
             round=self._global_round(server_round), phase=self.phase.label, status=RoundStatus.evaluated,
             seconds=0.0, sites=sites, aggregate={**dict(aggregate), **({"loss": loss} if loss is not None else {})},
@@ -281,6 +280,7 @@ class PhaseStrategy(Strategy):
                 excluded: dict[str, str], aggregate: dict[str, Scalar], status: RoundStatus) -> None:
         sites = {site_name(p, r.metrics): {"num_examples": r.num_examples, **outgoing_metrics(r.metrics)}
                  for p, r in valid}
+        self.last_recorded = server_round
         self.on_record(RoundRecord(
             round=self._global_round(server_round), phase=self.phase.label, status=status,
             seconds=time.perf_counter() - self._started, sites=sites, aggregate=aggregate,

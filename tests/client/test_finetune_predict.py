@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from client.finetune import finetune_on_store, predict_on_store, series_from_store, split_subjects
-from client.store import LocalStore, SeriesRecord
+from client.store import LocalStore, SeriesRecord, StoreError
 from shared_model.bundle import load_bundle
 from shared_model.config import load_config, save_resolved_config
 from shared_model.encoders import build_encoder
@@ -40,11 +40,22 @@ def labelled_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def base_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bundle")
-    cfg = load_config("demo-cpu")
+    cfg = load_config("demo-cpu", ["data.crop_px=32"])  # the grid of the store it fine-tunes on
     save_resolved_config(cfg, root)
     torch.manual_seed(0)
     save_safetensors(root / "encoder.safetensors", build_encoder(cfg.model.preset).state_dict())
     return root
+
+
+def test_a_store_on_another_grid_than_the_model_is_refused_with_the_fix(
+        tmp_path: Path, labelled_store: Path) -> None:
+    root = tmp_path / "bundle64"
+    cfg = load_config("demo-cpu", ["data.crop_px=64"])
+    save_resolved_config(cfg, root)
+    save_safetensors(root / "encoder.safetensors", build_encoder(cfg.model.preset).state_dict())
+    with pytest.raises(StoreError, match=r"1.5 mm x 32 px, the model's 1.5 mm x 64 px.*data.crop_px=64"):
+        finetune_on_store("sax_seg", root, labelled_store, tmp_path / "ft", cfg, label_budget=2)
+    assert not (tmp_path / "ft").exists()
 
 
 def test_store_series_carry_labels(labelled_store: Path) -> None:

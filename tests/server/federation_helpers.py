@@ -19,7 +19,7 @@ from sim.runner import run_federation
 from sim.sites import site_spec, write_site_frames
 
 TINY = ["ssl.local_steps=1", "ssl.batch_size=8", "ssl.mae.decoder_depth=1", "ssl.mae.decoder_dim=32",
-        "device=cpu", "federation.round_timeout_s=120", "federation.secagg.timeout_s=120",
+        "device=cpu", "federation.round_timeout_s=300", "federation.secagg.timeout_s=300",
         "federation.finetune_rounds=0"]
 
 

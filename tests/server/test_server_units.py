@@ -331,6 +331,14 @@ def test_a_halted_secagg_round_is_recorded_and_the_model_stays() -> None:
     assert [r.status for r in records] == [RoundStatus.halted] and rounds == [2]
     assert all(np.array_equal(a, b) for a, b in zip(strategy.current, GLOBAL, strict=True))
 
+    # Execute: a fit step that aggregates is recorded once, as aggregated
+    replies = [(_Proxy(i), _fit_res([a + 0.1 for a in GLOBAL], i)) for i in range(3)]
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 3})
+    counting_halts(lambda grid, ctx: strategy.aggregate_fit(3, replies, []), strategy)(None, context)
+
+    # Assert
+    assert [r.status for r in records] == [RoundStatus.halted, RoundStatus.aggregated] and rounds == [2, 3]
+
 
 def test_export_writes_the_release_of_a_run(tmp_path: Path) -> None:
     from server.release import export_release

@@ -40,8 +40,9 @@ def test_results_schema(scenario) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["format"] == "fedcmr-sim-results" and results["version"] == 1
     assert [s["name"] for s in results["scenario"]["sites"]] == ["site-0", "site-1"]
-    assert set(results["arms"]) == {"fed-mae", "local-mae", "central-mae", "scratch"}
-    assert {a["kind"] for a in results["arms"].values()} == {"federated", "local", "central", "scratch"}
+    assert set(results["arms"]) == {"fed-mae", "local-mae", "central-mae", "scratch", "unet"}
+    assert {a["kind"] for a in results["arms"].values()} == {"federated", "local", "central", "scratch",
+                                                             "supervised"}
     rows = results["finetune"]
     assert {r["mode"] for r in rows} == {"local", "federated"}
     assert {r["task"] for r in rows} == {"sax_seg", "view", "landmarks"}
