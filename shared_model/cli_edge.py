@@ -13,6 +13,7 @@ What it holds: the config as the command line gives it (preset, ``key=value`` ov
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,11 @@ from rich.console import Console
 
 from shared_model.config import FedCMRConfig, config_to_yaml, load_config
 from shared_model.errors import UserError
+
+# Idle OpenMP threads sleep instead of spinning (set before torch loads; a user's own setting
+# wins): on a busy 2-core node a spinning thread holds the core its partner needs, and a
+# training step takes ~10x as long (measured). Processes the tools start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 error_console = Console(stderr=True)
 
