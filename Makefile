@@ -42,7 +42,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The deployment on loopback: SuperLink, SuperNodes and `flwr run` as real processes (~2 min).
+# The deployment on loopback: SuperLink, SuperNodes and `flwr run` as real processes (~2.5 min).
 e2e: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m e2e $(PYTEST_ARGS)
 

@@ -1,10 +1,10 @@
 """A consortium and two hospitals on loopback, as real OS processes of the stock Flower binaries:
 ``fedcmr-server init`` / ``start`` / ``admit``, ``fedcmr-client keygen`` / ``join``, then one
 round of the project's apps submitted with ``flwr run``. Also: a node whose key was not admitted
-is refused, a node trusting another CA cannot connect, plaintext to the TLS port fails, and a
-revoked node is refused.
+is refused (with a key or without one), a node trusting another CA cannot connect, plaintext to
+the TLS port fails, a revoked node is refused, and a restarted SuperLink keeps its admissions.
 
-Marked ``e2e`` (``make e2e``); about a minute and a half on 2 busy CPU cores.
+Marked ``e2e`` (``make e2e``); about 2 min 20 s on 2 CPU cores shared with other work.
 """
 
 from __future__ import annotations
@@ -161,6 +161,21 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     assert "refused this node's key" in intruder.stderr and "Traceback" not in intruder.stderr
     assert len(node_status(folder)) == 2
 
+    # Execute / Assert: a stock SuperNode without any key cannot register itself either
+    keyless_log = loopback.root / "keyless.log"
+    with keyless_log.open("w") as log:  # a file, not a pipe: the SuperExec it starts outlives it
+        keyless = subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+             str(folder.tls.ca_cert), "--port", str(_free_port()), "--max-wait-time", "30"],
+            env={**loopback.env, "FLWR_HOME": str(loopback.root / "keyless")}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        keyless_status = keyless.wait(timeout=120)
+    finally:
+        stop_group(keyless.pid)
+    assert keyless_status != 0 and "must be registered" in keyless_log.read_text()
+    assert len(node_status(folder)) == 2
+
     # Execute / Assert: an admitted node that trusts another CA does not connect
     assert loopback.run("fedcmr-server", "init", "other-consortium").returncode == 0
     wrong_ca = loopback.run("fedcmr-client", *loopback.join_args(
@@ -193,3 +208,13 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     rejoin = loopback.run("fedcmr-client", *loopback.join_args("hospital-b", port, folder.tls.ca_cert, 1),
                           "--max-wait", "30", FLWR_HOME=str(loopback.root / "hospital-b" / "flwr-home-2"))
     assert rejoin.returncode == 2 and "refused this node's key" in rejoin.stderr, rejoin.stdout + rejoin.stderr
+
+    # Execute / Assert: the SuperLink restarted from its state database still knows who is admitted
+    assert loopback.run("fedcmr-server", "stop", str(folder.root), timeout=60).returncode == 0
+    restarted = loopback.run("fedcmr-server", "start", str(folder.root), "--port", str(port), "--wait", "120",
+                             timeout=180)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    known = {int(n["node-id"]): n["status"] for n in node_status(folder)}
+    registry = read_registry(folder)
+    assert known[int(registry["hospital-a"]["node_id"])] in ("online", "offline", "registered"), known
+    assert known[int(registry["hospital-b"]["node_id"])] == "unregistered", known
