@@ -137,6 +137,8 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     started = loopback.run("fedcmr-server", "start", str(folder.root), "--port", str(port), "--wait", "120",
                            timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
+    again = loopback.run("fedcmr-server", "start", str(folder.root), "--port", str(port))
+    assert again.returncode == 2 and "already runs" in again.stderr, again.stdout + again.stderr
     for index, name in enumerate(("hospital-a", "hospital-b", "intruder")):
         assert loopback.run("fedcmr-client", "keygen", "--out", name).returncode == 0
         write_site_frames(loopback.root / name / "store", site_spec(index, 1.5, 128), num_images=16, seed=0)
@@ -218,3 +220,12 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     registry = read_registry(folder)
     assert known[int(registry["hospital-a"]["node_id"])] in ("online", "offline", "registered"), known
     assert known[int(registry["hospital-b"]["node_id"])] == "unregistered", known
+
+    # Execute / Assert: SIGTERM to `fedcmr-client join` stops its SuperNode and what that started
+    hospital_a = loopback.nodes[0]
+    below = psutil.Process(hospital_a.pid).children(recursive=True)
+    assert any("flower-supernode" in " ".join(p.cmdline()) for p in below)
+    hospital_a.terminate()
+    assert hospital_a.wait(timeout=60) is not None
+    _, alive = psutil.wait_procs(below, timeout=30)
+    assert alive == []
