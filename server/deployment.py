@@ -190,22 +190,22 @@ def start_superlink(folder: ConsortiumDir, host: str = "127.0.0.1", port: int = 
     if (link := running_link(folder)) is not None:
         raise DeploymentError(f"a SuperLink from {folder.root} already runs (process {link.pid}, "
                               f"port {link.port}); stop it with `fedcmr-server stop {folder.root}`")
+    connect_host = RunningLink(0, host, port).local_address.rsplit(":", 1)[0].strip("[]")
+    names = certificate_addresses(folder.tls.server_cert)
+    if connect_host not in names:
+        raise DeploymentError(f"the SuperLink certificate does not name {connect_host} (it names "
+                              f"{', '.join(names)}); listen on one of those with --host")
     check_port_free(host, port)
     command = superlink_command(folder, host, port)
     console_log = folder.logs / "superlink.console.log"
-    # FLWR_HOME inside the folder: the apps the SuperLink installs to run stay with its state.
+    # FLWR_HOME inside the folder: the apps the SuperLink installs to run stay with its state;
+    # the folder as working directory: a run's relative out-dir lands in it (runs/...).
     env = flower_environment(Path(command[0]), {"FLWR_HOME": str(folder.flwr_home.resolve())})
-    process = start_detached(command, console_log, env)
+    process = start_detached(command, console_log, env, cwd=folder.root)
     link = RunningLink(pid=process.pid, host=host, port=port)
     atomic_write_text(folder.link_file, json.dumps({"pid": link.pid, "host": host, "port": port,
                                                     "started": _now()}) + "\n")
     write_flwr_connection(folder, link)
-    connect_host = link.local_address.rsplit(":", 1)[0].strip("[]")
-    names = certificate_addresses(folder.tls.server_cert)
-    if connect_host not in names:
-        stop_group(process.pid)
-        raise DeploymentError(f"the SuperLink certificate does not name {connect_host} (it names "
-                              f"{', '.join(names)}); listen on one of those with --host")
     try:
         wait_until(lambda: tls_answers(connect_host, port, folder.tls.ca_cert, connect_host),
                    process, wait_s, "flower-superlink", console_log)
@@ -296,6 +296,10 @@ def admit_node(folder: ConsortiumDir, public_key: Path, site: str) -> int:
         raise DeploymentError(f"site '{site}' is already admitted (node {registry[site]['node_id']}); "
                               f"revoke it first to admit a new key")
     for other, entry in registry.items():
+        if entry["public_key"] == line and entry.get("revoked"):
+            raise DeploymentError(f"this key was revoked (site '{other}', {entry['revoked']}); a "
+                                  "revoked key stays revoked: the hospital makes a new one with "
+                                  "`fedcmr-client keygen`")
         if entry["public_key"] == line:
             raise DeploymentError(f"this key was already admitted as site '{other}'; every site "
                                   "needs its own key")

@@ -74,14 +74,16 @@ def tls_answers(host: str, port: int, ca_cert: Path, server_name: str, timeout_s
         return False
 
 
-def start_detached(command: Sequence[str], log_file: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+def start_detached(command: Sequence[str], log_file: Path, env: Mapping[str, str],
+                   cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """Start ``command`` in its own session (so one signal reaches all its children), output to
     ``log_file`` (appended)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:
         try:
             return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True)
+                                    stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True,
+                                    cwd=cwd)
         except OSError as exc:
             raise LaunchError(f"could not start {command[0]}: {exc.strerror}") from None
 

@@ -193,10 +193,10 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     overrides = ("ssl.local_steps=1 ssl.batch_size=8 federation.min_sites=2 federation.rounds=1 "
                  "federation.finetune_rounds=0 device=cpu")
     submitted = loopback.run("flwr", "run", str(REPO), "fedcmr", "--stream", "--run-config",
-                             f"out-dir='{out}' overrides='{overrides}'", timeout=300,
+                             f"out-dir='runs/round-1' overrides='{overrides}'", timeout=300,
                              FLWR_HOME=str(folder.flwr_home))
 
-    # Assert: the run released a model trained at both hospitals
+    # Assert: the run released a model trained at both hospitals, in the consortium's runs/
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     outcome = read_outcome(out)
     assert outcome is not None and outcome.status == RunStatus.released

@@ -1,5 +1,6 @@
 """The consortium's deployment folder without a running SuperLink: keys, certificates, refusals."""
 
+import json
 import os
 import socket
 import ssl
@@ -148,6 +149,8 @@ def test_start_refuses_a_folder_without_a_consortium_and_a_busy_port(tmp_path: P
             start_superlink(ConsortiumDir(tmp_path / "empty"), port=busy.getsockname()[1])
         with pytest.raises(LaunchError, match="is busy"):
             start_superlink(folder, port=busy.getsockname()[1])
+        with pytest.raises(DeploymentError, match="does not name 10.9.9.9"):
+            start_superlink(folder, host="10.9.9.9", port=busy.getsockname()[1])
     assert not folder.link_file.exists()
 
 
@@ -175,3 +178,17 @@ def test_a_stale_pid_file_is_never_taken_for_a_running_superlink(tmp_path: Path)
     assert running_link(folder) is None
     assert result.exit_code == 0 and "no SuperLink was running" in result.output
     assert not folder.link_file.exists()
+
+
+@pytest.mark.parametrize("revoked, fragment", [(None, "already admitted as site"), ("2026-01-01", "stays revoked")])
+def test_a_key_is_admitted_once_and_a_revoked_key_never_again(tmp_path: Path, revoked, fragment) -> None:
+    # Prepare: the registry already holds this key under another site
+    folder = init_consortium(tmp_path / "c", "Test consortium", [])
+    key = tmp_path / "node.pub"
+    key.write_bytes(ec.generate_private_key(ec.SECP384R1()).public_key()
+                    .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    entry = {"public_key": key.read_text().strip(), "node_id": 7, "admitted": "2025-12-01"}
+    folder.nodes_file.write_text(json.dumps({"hospital-a": {**entry, **({"revoked": revoked} if revoked else {})}}))
+    # Execute / Assert: refused before any SuperLink is asked
+    with pytest.raises(DeploymentError, match=fragment):
+        admit_node(folder, key, "hospital-b")
