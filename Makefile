@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # Tools started by Flower (flower-superlink, flower-supernode) come from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test e2e lint bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The deployment on loopback: SuperLink, SuperNodes and `flwr run` as real processes (~2.5 min).
+e2e: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m e2e $(PYTEST_ARGS)
 
 # ruff (packages, benchmarks, tests) and mypy (packages, benchmarks) as configured in pyproject.toml.
 lint: $(VENV)/.installed-lint

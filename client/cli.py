@@ -217,5 +217,49 @@ def export_onnx_command(
                     f"{result.max_abs_difference:.2e}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def keygen(out: Annotated[Path, typer.Option("--out", help="Folder for this node's key pair "
+                                                         "(keep it on the node)")]) -> None:
+    """Make this node's SuperNode key pair (EC P-384, OpenSSH format) and print the public key
+    to send to the consortium (`fedcmr-server admit`). Never replaces an existing key."""
+    from rich.console import Console
+
+    from client.deployment import generate_node_key
+
+    with user_errors():
+        pair = generate_node_key(out)
+    console = Console()
+    console.print(f"private key (stays here, mode 0600): {pair.private}", highlight=False, soft_wrap=True)
+    console.print(f"public key, send to the consortium:  {pair.public}", highlight=False, soft_wrap=True)
+    console.print(pair.public_line, highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command()
+def join(
+    server: Annotated[str, typer.Option("--server", help="The consortium's SuperLink, HOST:PORT")],
+    ca: Annotated[Path, typer.Option("--ca", help="The consortium's CA certificate (ca.crt)")],
+    key: Annotated[Path, typer.Option("--key", help="This node's private key (from keygen)")],
+    store: Annotated[Path, typer.Option("--store", help="This node's store (from ingest)")],
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | cuda:0,cuda:1")] = "auto",
+    site_index: Annotated[int, typer.Option(
+        help="This site's number, as the consortium assigned it (site-N in its records and "
+             "privacy ledger; every site needs its own)", min=0)] = 0,
+    runtime_port: Annotated[int, typer.Option(
+        help="Local port of the SuperNode's own Runtime API (change it to run two nodes on one "
+             "machine)", min=1, max=65535)] = 9094,
+    max_wait: Annotated[Optional[float], typer.Option(
+        help="Give up after this many seconds without the SuperLink (default: keep trying)",
+        min=1)] = None,
+) -> None:
+    """Join the federation: run the stock flower-supernode with TLS, this node's key and its
+    store, in the foreground until stopped (Ctrl-C / SIGTERM)."""
+    from client.deployment import JoinSettings, run_supernode
+
+    with user_errors():
+        status = run_supernode(JoinSettings(server=server, ca_cert=ca, key=key, store=store, device=device,
+                                            site_index=site_index, runtime_port=runtime_port, max_wait_s=max_wait))
+    raise typer.Exit(status)
+
+
 def main() -> None:
     app()

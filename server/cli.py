@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -65,6 +65,114 @@ def export(run_dir: Annotated[Path, typer.Argument(help="A finished federation's
     with user_errors():
         bundle = export_release(run_dir, out)
     Console().print(f"release written to {bundle}", highlight=False, soft_wrap=True)
+
+
+Consortium = Annotated[Path, typer.Argument(help="The consortium's deployment folder (from init)")]
+ConsortiumOption = Annotated[Path, typer.Option("--dir", envvar="FEDCMR_CONSORTIUM_DIR",
+                                                help="The consortium's deployment folder")]
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="New deployment folder (must not hold keys yet)")],
+    address: Annotated[Optional[list[str]], typer.Option(
+        "--address", help="A host name or IP address hospitals dial (repeat); 127.0.0.1 and "
+                          "localhost are always included")] = None,
+    name: Annotated[str, typer.Option(help="The consortium's name, in its certificates")] = "FedCMR consortium",
+) -> None:
+    """Create a consortium: CA, SuperLink TLS certificate and key, app-signing key, folders."""
+    from rich.console import Console
+
+    from server.deployment import init_consortium
+
+    with user_errors():
+        made = init_consortium(folder, name, address or [])
+    console = Console()
+    console.print(f"consortium created in {folder}", highlight=False, soft_wrap=True)
+    console.print(f"send to every hospital: {made.tls.ca_cert}", highlight=False, soft_wrap=True)
+    console.print(f"start the SuperLink:    fedcmr-server start {folder}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def start(
+    folder: Consortium,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every one)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The SuperLink's port (Fleet, Control and Runtime "
+                                           "APIs)", min=1, max=65535)] = 9092,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for it to serve", min=1)] = 90.0,
+) -> None:
+    """Start the stock flower-superlink in the background: TLS, SuperNode authentication, state
+    in FOLDER/state, logs in FOLDER/logs. Returns once it answers over TLS."""
+    from rich.console import Console
+
+    from server.deployment import ConsortiumDir, start_superlink
+
+    with user_errors():
+        link = start_superlink(ConsortiumDir(folder), host, port, wait)
+    Console().print(f"SuperLink running (process {link.pid}) on {host}:{port}; logs in "
+                    f"{folder / 'logs'}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def stop(folder: Consortium) -> None:
+    """Stop the SuperLink started from FOLDER (its state database stays)."""
+    from rich.console import Console
+
+    from server.deployment import ConsortiumDir, stop_superlink
+
+    with user_errors():
+        ConsortiumDir(folder).require_initialised()
+        stopped = stop_superlink(ConsortiumDir(folder))
+    Console().print("SuperLink stopped" if stopped else "no SuperLink was running", highlight=False)
+
+
+@app.command()
+def admit(
+    node_public_key: Annotated[Path, typer.Argument(help="The hospital's node-auth.key.pub")],
+    name: Annotated[str, typer.Option("--name", help="The site's name, e.g. hospital-a")],
+    folder: ConsortiumOption = Path("."),
+) -> None:
+    """Admit a hospital: register its SuperNode key with the running SuperLink."""
+    from rich.console import Console
+
+    from server.deployment import ConsortiumDir, admit_node
+
+    with user_errors():
+        node_id = admit_node(ConsortiumDir(folder), node_public_key, name)
+    Console().print(f"admitted {name} as node {node_id}", highlight=False)
+
+
+@app.command()
+def revoke(
+    name: Annotated[str, typer.Argument(help="The site's name given to admit")],
+    folder: ConsortiumOption = Path("."),
+) -> None:
+    """Revoke a hospital: unregister its key, so the SuperLink refuses that node from now on."""
+    from rich.console import Console
+
+    from server.deployment import ConsortiumDir, revoke_node
+
+    with user_errors():
+        node_id = revoke_node(ConsortiumDir(folder), name)
+    Console().print(f"revoked {name} (node {node_id})", highlight=False)
+
+
+@app.command()
+def nodes(folder: Consortium) -> None:
+    """Admitted sites and what the SuperLink says of each (online, offline, registered)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.deployment import ConsortiumDir, node_status, read_registry
+
+    with user_errors():
+        registry = read_registry(ConsortiumDir(folder))
+        flower = {int(n["node-id"]): n for n in node_status(ConsortiumDir(folder))}
+    table = Table("site", "node id", "status", "admitted", "revoked")
+    for site, entry in registry.items():
+        status = flower.get(int(entry["node_id"]), {}).get("status", "unknown")
+        table.add_row(site, str(entry["node_id"]), status, entry["admitted"], entry.get("revoked", ""))
+    Console(width=max(Console().width, 110)).print(table)
 
 
 def main() -> None:

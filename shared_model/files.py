@@ -49,3 +49,27 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_public(path: str | Path, data: bytes) -> Path:
+    """Atomically write a file meant to be shared (a certificate, a public key): mode 0644."""
+    atomic_write_bytes(path, data)
+    os.chmod(path, 0o644)
+    return Path(path)
+
+
+def write_secret(path: str | Path, data: bytes) -> Path:
+    """Write a private key readable by its owner only (0600), refusing to replace any file.
+
+    The file is created with ``O_EXCL`` and mode 0600 in one call, so no other user can open it
+    between creation and a later ``chmod``, and an existing key is never overwritten.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(fd, 0o600)  # the umask may have removed bits, never added them; be explicit
+        handle.write(data)
+        handle.flush()
+        os.fsync(fd)
+    return path

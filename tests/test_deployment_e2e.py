@@ -1,0 +1,231 @@
+"""A consortium and two hospitals on loopback, as real OS processes of the stock Flower binaries:
+``fedcmr-server init`` / ``start`` / ``admit``, ``fedcmr-client keygen`` / ``join``, then one
+round of the project's apps submitted with ``flwr run``. Also: a node whose key was not admitted
+is refused (with a key or without one), a node trusting another CA cannot connect, plaintext to
+the TLS port fails, a revoked node is refused, and a restarted SuperLink keeps its admissions.
+
+Marked ``e2e`` (``make e2e``); about 2 min 20 s on 2 CPU cores shared with other work.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from server.deployment import ConsortiumDir, node_status, read_registry, running_link
+from server.metrics import RecordKind, read_records
+from server.run_status import RunStatus, read_outcome
+from shared_model.processes import stop_group
+from sim.sites import site_spec, write_site_frames
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TOOLS = ("fedcmr-server", "fedcmr-client", "flower-superlink", "flower-supernode", "flwr")
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(400),
+    pytest.mark.skipif(any(not (BIN / tool).exists() for tool in TOOLS),
+                       reason="FedCMR's and Flower's command-line tools are not installed beside this Python"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop_tree(process: subprocess.Popen[str]) -> None:
+    """SIGTERM a ``join`` and everything below it (SuperNode, SuperExec, apps); SIGKILL stragglers."""
+    try:
+        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            member.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for member in alive:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            continue
+
+
+@dataclass
+class Loopback:
+    """The commands a consortium and its hospitals type, run from a scratch folder."""
+
+    root: Path
+    env: dict[str, str]
+    nodes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def consortium(self) -> Path:
+        return self.root / "consortium"
+
+    def run(self, tool: str, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / tool), *args], env={**self.env, **env}, cwd=self.root,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def join_args(self, name: str, port: int, ca: Path, site_index: int) -> list[str]:
+        return ["join", "--server", f"127.0.0.1:{port}", "--ca", str(ca),
+                "--key", str(self.root / name / "node-auth.key"),
+                "--store", str(self.root / name / "store"), "--device", "cpu",
+                "--site-index", str(site_index), "--runtime-port", str(_free_port())]
+
+    def join(self, name: str, port: int, site_index: int) -> subprocess.Popen[str]:
+        log = (self.root / f"{name}.log").open("w")
+        process = subprocess.Popen(
+            [str(BIN / "fedcmr-client"), *self.join_args(name, port, self.consortium / "pki" / "ca.crt", site_index)],
+            env={**self.env, "FLWR_HOME": str(self.root / name / "flwr-home")}, cwd=self.root,
+            stdout=log, stderr=subprocess.STDOUT, text=True)
+        self.nodes.append(process)
+        return process
+
+
+@pytest.fixture
+def loopback(tmp_path: Path) -> Iterator[Loopback]:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_WAIT_POLICY="PASSIVE",
+               TIMM_FUSED_ATTN="0")
+    world = Loopback(root=tmp_path, env=env)
+    try:
+        yield world
+    finally:
+        for process in world.nodes:
+            _stop_tree(process)
+        folder = ConsortiumDir(world.consortium)
+        if (link := running_link(folder)) is not None:
+            world.run("fedcmr-server", "stop", str(folder.root), timeout=60)
+            stop_group(link.pid)  # in case stop itself failed
+
+
+def _wait_online(folder: ConsortiumDir, node_ids: set[int], timeout_s: float) -> dict[int, str]:
+    deadline = time.monotonic() + timeout_s
+    status: dict[int, str] = {}
+    while time.monotonic() < deadline:
+        status = {int(n["node-id"]): n["status"] for n in node_status(folder)}
+        if all(status.get(node) == "online" for node in node_ids):
+            break
+        time.sleep(2)
+    return status
+
+
+def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback) -> None:
+    # Prepare: the consortium's folder and SuperLink; three hospitals' keys and stores
+    port = _free_port()
+    folder = ConsortiumDir(loopback.consortium)
+    assert loopback.run("fedcmr-server", "init", str(folder.root)).returncode == 0
+    started = loopback.run("fedcmr-server", "start", str(folder.root), "--port", str(port), "--wait", "120",
+                           timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    again = loopback.run("fedcmr-server", "start", str(folder.root), "--port", str(port))
+    assert again.returncode == 2 and "already runs" in again.stderr, again.stdout + again.stderr
+    for index, name in enumerate(("hospital-a", "hospital-b", "intruder")):
+        assert loopback.run("fedcmr-client", "keygen", "--out", name).returncode == 0
+        write_site_frames(loopback.root / name / "store", site_spec(index, 1.5, 128), num_images=16, seed=0)
+    for name in ("hospital-a", "hospital-b"):
+        admitted = loopback.run("fedcmr-server", "admit", f"{name}/node-auth.key.pub", "--name", name,
+                                "--dir", str(folder.root))
+        assert admitted.returncode == 0, admitted.stdout + admitted.stderr
+
+    # Execute: both admitted hospitals join
+    for index, name in enumerate(("hospital-a", "hospital-b")):
+        loopback.join(name, port, index)
+    node_ids = {int(entry["node_id"]) for entry in read_registry(folder).values()}
+    status = _wait_online(folder, node_ids, timeout_s=90)
+
+    # Assert: both online over TLS with their own keys
+    assert all(status.get(node) == "online" for node in node_ids), status
+
+    # Execute / Assert: a key the consortium never admitted is refused, with a clear line
+    intruder = loopback.run("fedcmr-client", *loopback.join_args("intruder", port, folder.tls.ca_cert, 2),
+                            "--max-wait", "30", FLWR_HOME=str(loopback.root / "intruder" / "flwr-home"))
+    assert intruder.returncode == 2, intruder.stdout + intruder.stderr
+    assert "refused this node's key" in intruder.stderr and "Traceback" not in intruder.stderr
+    assert len(node_status(folder)) == 2
+
+    # Execute / Assert: a stock SuperNode without any key cannot register itself either
+    keyless_log = loopback.root / "keyless.log"
+    with keyless_log.open("w") as log:  # a file, not a pipe: the SuperExec it starts outlives it
+        keyless = subprocess.Popen(
+            [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+             str(folder.tls.ca_cert), "--port", str(_free_port()), "--max-wait-time", "30"],
+            env={**loopback.env, "FLWR_HOME": str(loopback.root / "keyless")}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        keyless_status = keyless.wait(timeout=120)
+    finally:
+        stop_group(keyless.pid)
+    assert keyless_status != 0 and "must be registered" in keyless_log.read_text()
+    assert len(node_status(folder)) == 2
+
+    # Execute / Assert: an admitted node that trusts another CA does not connect
+    assert loopback.run("fedcmr-server", "init", "other-consortium").returncode == 0
+    wrong_ca = loopback.run("fedcmr-client", *loopback.join_args(
+        "hospital-a", port, loopback.root / "other-consortium" / "pki" / "ca.crt", 0), "--max-wait", "30")
+    assert wrong_ca.returncode == 2 and "does not vouch for" in wrong_ca.stderr, wrong_ca.stdout + wrong_ca.stderr
+
+    # Execute / Assert: plaintext HTTP to the TLS port gets no answer
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+
+    # Execute: one round of the project's apps, submitted to this SuperLink with `flwr run`
+    out = folder.root / "runs" / "round-1"
+    overrides = ("ssl.local_steps=1 ssl.batch_size=8 federation.min_sites=2 federation.rounds=1 "
+                 "federation.finetune_rounds=0 device=cpu")
+    submitted = loopback.run("flwr", "run", str(REPO), "fedcmr", "--stream", "--run-config",
+                             f"out-dir='runs/round-1' overrides='{overrides}'", timeout=300,
+                             FLWR_HOME=str(folder.flwr_home))
+
+    # Assert: the run released a model trained at both hospitals, in the consortium's runs/
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    outcome = read_outcome(out)
+    assert outcome is not None and outcome.status == RunStatus.released
+    fits = [r for r in read_records(out) if r["kind"] == RecordKind.fit]
+    assert len(fits) == 1 and set(fits[0]["sites"]) == {"site-0", "site-1"}
+    assert (out / "release" / "encoder.safetensors").is_file()
+
+    # Execute / Assert: once revoked, a hospital's key is refused like any other
+    revoked = loopback.run("fedcmr-server", "revoke", "hospital-b", "--dir", str(folder.root))
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+    rejoin = loopback.run("fedcmr-client", *loopback.join_args("hospital-b", port, folder.tls.ca_cert, 1),
+                          "--max-wait", "30", FLWR_HOME=str(loopback.root / "hospital-b" / "flwr-home-2"))
+    assert rejoin.returncode == 2 and "refused this node's key" in rejoin.stderr, rejoin.stdout + rejoin.stderr
+
+    # Execute / Assert: the SuperLink restarted from its state database still knows who is admitted
+    assert loopback.run("fedcmr-server", "stop", str(folder.root), timeout=60).returncode == 0
+    restarted = loopback.run("fedcmr-server", "start", str(folder.root), "--port", str(port), "--wait", "120",
+                             timeout=180)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    known = {int(n["node-id"]): n["status"] for n in node_status(folder)}
+    registry = read_registry(folder)
+    assert known[int(registry["hospital-a"]["node_id"])] in ("online", "offline", "registered"), known
+    assert known[int(registry["hospital-b"]["node_id"])] == "unregistered", known
+
+    # Execute / Assert: SIGTERM to `fedcmr-client join` stops its SuperNode and what that started
+    hospital_a = loopback.nodes[0]
+    below = psutil.Process(hospital_a.pid).children(recursive=True)
+    assert any("flower-supernode" in " ".join(p.cmdline()) for p in below)
+    hospital_a.terminate()
+    assert hospital_a.wait(timeout=60) is not None
+    _, alive = psutil.wait_procs(below, timeout=30)
+    assert alive == []
