@@ -18,7 +18,7 @@ from pathlib import Path
 class Measure:
     measure: str
     value: float
-    goal: str = ""  # e.g. ">= 0.8", "<= 1.5"; "" when the number is for information
+    goal: str = ""  # e.g. ">= 0.8", "<= 1.5", "> 0"; "" when the number is for information
     unit: str = ""
 
     @property
@@ -26,7 +26,10 @@ class Measure:
         if not self.goal:
             return None
         op, _, bound = self.goal.partition(" ")
-        return self.value >= float(bound) if op == ">=" else self.value <= float(bound)
+        compare = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}
+        if op not in compare:
+            raise ValueError(f"goal '{self.goal}': expected one of {', '.join(compare)} and a number")
+        return compare[op](float(self.value), float(bound))
 
 
 def machine() -> str:
