@@ -1,0 +1,18 @@
+"""The built-in fine-tuning recipe: a foundation model's dense tasks train with a frozen encoder."""
+
+import pytest
+
+from client.cli import recipe_mode
+
+
+@pytest.mark.parametrize(("task", "arch", "config", "expected"), [
+    ("sax_seg", "fm", None, ["tasks.mode=linear"]),
+    ("landmarks", "fm", None, ["tasks.mode=linear"]),
+    ("view", "fm", None, []),  # classification: every layer trains
+    ("sax_seg", "unet", None, []),  # a U-Net has no pretrained encoder to freeze
+    ("sax_seg", "fm", "full-cpu", []),  # a preset decides for itself
+    ("no_such_task", "fm", None, []),  # left to finetune_on_store to name
+])
+def test_only_the_built_in_recipe_freezes_a_foundation_models_encoder(
+        task: str, arch: str, config: str | None, expected: list[str]) -> None:
+    assert recipe_mode(task, arch, config) == expected
