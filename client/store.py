@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shared_model.errors import UserError
-from shared_model.files import atomic_write, atomic_write_text
+from shared_model.files import atomic_write, atomic_write_text, read_json
 from shared_model.labels import parse_frame_key
 
 if TYPE_CHECKING:  # torch is imported where frames become tensors, so that the intake's
@@ -186,11 +186,8 @@ class LocalStore:
         if not path.is_file():
             raise StoreError(f"{root}: no {MANIFEST_NAME}; build the store with "
                              "`fedcmr-client ingest` first")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{path}: unreadable manifest ({exc})") from exc
-        if raw.get("format") != STORE_FORMAT:
+        raw = read_json(path, StoreError, "re-run `fedcmr-client ingest` into a new store")
+        if not isinstance(raw, dict) or raw.get("format") != STORE_FORMAT:
             raise StoreError(f"{path}: not a FedCMR store manifest")
         if raw.get("version") != STORE_VERSION:
             raise StoreError(f"{path}: store version {raw.get('version')} is not supported "

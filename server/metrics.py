@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared_model.errors import UserError
-from shared_model.files import atomic_write_text
+from shared_model.files import atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -142,10 +142,7 @@ _RECORD_CHOICES: dict[str, type[StrEnum]] = {"status": RoundStatus, "kind": Reco
 
 def read_json_file(path: Path, what: str) -> object:
     """A run folder's JSON file, or :class:`RunFileError` naming it (``what``: what to do)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunFileError(f"{path}: not readable JSON ({exc}); {what}") from exc
+    return read_json(path, RunFileError, what)
 
 
 def read_records(run_dir: str | Path) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -73,3 +74,12 @@ def write_secret(path: str | Path, data: bytes) -> Path:
         handle.flush()
         os.fsync(fd)
     return path
+
+
+def read_json(path: Path, error: Callable[[str], Exception], fix: str = "") -> object:
+    """A JSON file's content, or ``error`` naming the file, why it is unreadable and ``fix``
+    (what to do)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not readable JSON ({exc})" + (f"; {fix}" if fix else "")) from exc

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 from shared_model.config import PrivacyMode, SSLMethod, TeacherMode
 from shared_model.errors import UserError
+from shared_model.files import read_json
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "fedcmr-sim-results"
@@ -208,10 +209,7 @@ def load_results(run_dir: Path) -> ScenarioResults:
     if not path.is_file():
         raise ResultsError(f"{path}: no results.json; run the scenario first (fedcmr-sim) or "
                            "pass the results to write_report")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResultsError(f"{path}: not readable JSON ({exc}); re-run the scenario") from exc
+    raw = read_json(path, ResultsError, "re-run the scenario")
     return ScenarioResults.from_json(raw, str(path))
 
 

@@ -21,7 +21,6 @@ the other channels of a multi-channel dataset are counted as ``unused_file``.
 from __future__ import annotations
 
 import csv
-import json
 import re
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ from client.intake.pipeline import IngestOptions, IntakeError, commit_series, op
 from client.intake.scan import list_files
 from client.intake.summary import IngestSummary
 from client.store import LocalStore, SeriesRecord, normalise_intensity
+from shared_model.files import read_json
 from shared_model.labels import MASK_VALUES, frame_key
 
 # Label names of common cardiac datasets -> the store's structures. Keys are normalised with
@@ -104,10 +104,9 @@ def read_dataset(src: Path, label_map: dict[str, str] | None = None,
     if not path.is_file():
         raise IntakeError(f"{src}: no dataset.json; an nnU-Net raw dataset holds dataset.json, "
                           "imagesTr/ and labelsTr/")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise IntakeError(f"{path}: not readable JSON ({exc})") from exc
+    meta = read_json(path, IntakeError, "fix or re-export the dataset's dataset.json")
+    if not isinstance(meta, dict):
+        raise IntakeError(f"{path}: must hold a JSON object with 'labels' and 'file_ending'")
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise IntakeError(f"{path}: field 'labels' must map label names to values")
