@@ -102,7 +102,7 @@ def finetune(
     """
     from rich.console import Console
 
-    from client.finetune import finetune_on_store
+    from client.finetune import finetune_on_store, recipe_mode
 
     if arch not in ("fm", "unet"):
         raise typer.BadParameter(f"'{arch}' is not fm or unet", param_hint="--arch")
@@ -122,21 +122,6 @@ def finetune(
     if report.epsilon:
         console.print(f"  sample-level DP epsilon      {report.epsilon:.3f}", highlight=False)
     console.print(f"bundle written to {out}", highlight=False, soft_wrap=True)
-
-
-def recipe_mode(task: str, arch: str, config: str | None) -> list[str]:
-    """The built-in recipe fine-tunes a foundation model's dense task with its encoder frozen
-    (the pretrained decoder trains): on 2 CPU cores a step costs half as much, and within the
-    session's budget that beat fine-tuning everything on real held-out patients (README). A
-    preset (--config) or a tasks.mode override decides otherwise."""
-    from shared_model.tasks import TaskKind, UnknownTaskError, get_task
-
-    try:
-        kind = get_task(task).kind
-    except UnknownTaskError:
-        return []  # finetune_on_store names the unknown task
-    dense = kind in (TaskKind.segmentation, TaskKind.landmarks)
-    return ["tasks.mode=linear"] if arch == "fm" and config is None and dense else []
 
 
 def shipped_or_none(arch: str) -> Path | None:

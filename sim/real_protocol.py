@@ -32,10 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "FEDCMR_REAL_DATA"
 CINE_TRAIN = ("SCD0000101", "SCD0000201")  # 1 labelled patient: the first alone
 ARMS = ("fm", "scratch", "unet")
-# The foundation model is fine-tuned with its encoder frozen (the pretrained decoder trains): on
-# 2 CPU cores a step then costs half as much, and within 120 s that beat fine-tuning everything
-# (measured on the fixed test set, 1 labelled patient: blood pool 0.56 vs 0.30, 216 vs 110 steps).
-FM_MODE = "linear"
 
 
 class RealDataError(UserError, FileNotFoundError):
@@ -196,13 +192,15 @@ def scratch_bundle(fm: Path, out: Path, seed: int) -> Path:
 def run_arm(arm: str, stores: list[Path], fm: Path, work: Path, seed: int, seconds: float,
             device: str = "cpu") -> tuple[Path, FinetuneReport]:
     """Fine-tune one arm for ``seconds`` on ``stores`` (every subject labelled, none held out)."""
-    from client.finetune import finetune_on_store
+    from client.finetune import finetune_on_store, recipe_mode
     from shared_model.bundle import load_bundle
     from shared_model.config import load_config
 
+    # the node's built-in recipe: the foundation model's encoder frozen; scratch has no
+    # pretrained encoder to keep, so everything of it trains
     cfg = load_config(None, [f"seed={seed}", f"tasks.max_seconds={seconds}", "tasks.steps=100000",
                              f"tasks.arch={'unet' if arm == 'unet' else 'fm'}", f"device={device}",
-                             *([f"tasks.mode={FM_MODE}"] if arm == "fm" else [])])
+                             *(recipe_mode("sax_seg", "fm", None) if arm == "fm" else [])])
     out = work / "runs" / f"{arm}-{seed}-{time.monotonic_ns()}"
     start: Path | None = fm
     if arm == "scratch":

@@ -2,7 +2,7 @@
 
 import pytest
 
-from client.cli import recipe_mode
+from client.finetune import recipe_mode
 
 
 @pytest.mark.parametrize(("task", "arch", "config", "expected"), [
