@@ -4,9 +4,11 @@ A clinical export is not centred on the heart and often has a large field of vie
 pixels are not the model's. For every stack (the frames of one series, or one nnU-Net case) the
 node
 
-1. resamples each frame's whole field of view to the model's pixel spacing and runs the model
-   over it (the encoder takes any size): the largest connected foreground region of a few
-   frames gives the heart's centre, one centre per stack (the median over those frames);
+1. looks at a few frames through the window the store cuts (centred on the image, the window
+   the model was trained on); when the heart is not there, resamples each of those frames'
+   whole field of view to the model's pixel spacing and runs the model over it (the encoder
+   takes any size): the foreground region that is largest and nearest the image centre gives
+   the heart's centre, one centre per stack (see :func:`locate_heart`);
 2. cuts the model's window (``image_size`` px at the model spacing, the field of view it was
    trained on) around that centre from each frame, normalises it as the store does, and
    segments it (probabilities averaged over flips);
@@ -32,6 +34,7 @@ from client.store import normalise_intensity
 
 LOCALISE_FRAMES = 6  # frames of a stack the coarse pass looks at
 PAD_MULTIPLE = 16  # the whole-view pass pads to a multiple of the encoder's coarsest stride
+MIN_HEART_MM2 = 100.0  # smallest foreground region taken for a heart (an LV cavity in systole)
 
 
 @dataclass(frozen=True)
@@ -86,27 +89,89 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(sizes))
 
 
+def heart_candidate(foreground: np.ndarray, prior_sigma_px: float
+                    ) -> tuple[float, float] | None:
+    """The (row, col) centre of the foreground region of a whole view most likely the heart.
+
+    Each connected region (probability > 0.5) scores its summed foreground probability times a
+    Gaussian prior around the view's centre (``prior_sigma_px``); None when there is none.
+    """
+    from scipy import ndimage
+
+    labels, count = ndimage.label(foreground > 0.5)
+    middle = (foreground.shape[0] - 1) / 2, (foreground.shape[1] - 1) / 2
+    best: tuple[float, float, float] | None = None
+    for region in range(1, count + 1):
+        inside = labels == region
+        if inside.sum() < 4:
+            continue
+        r, c = np.argwhere(inside).mean(axis=0)
+        distance2 = (r - middle[0]) ** 2 + (c - middle[1]) ** 2
+        weight = float(foreground[inside].sum()) * math.exp(-distance2 / (2 * prior_sigma_px ** 2))
+        if best is None or weight > best[0]:
+            best = (weight, float(r), float(c))
+    return None if best is None else (best[1], best[2])
+
+
+def heart_in_window(foreground: np.ndarray, min_px: float) -> tuple[float, float] | None:
+    """The (row, col) centre of the heart a window's foreground probabilities show, or None.
+
+    The heart: a connected region of at least ``min_px`` pixels holding at least half of the
+    window's foreground (a model shown no heart calls scattered patches foreground, if
+    anything).
+    """
+    found = foreground > 0.5
+    largest = largest_component(found)
+    size = int(largest.sum())
+    if size < min_px or size < 0.5 * int(found.sum()):
+        return None
+    r, c = np.argwhere(largest).mean(axis=0)
+    return float(r), float(c)
+
+
 def locate_heart(segmenter: Segmenter, frames: Sequence[np.ndarray],
                  spacing: tuple[float, float]) -> tuple[float, float]:
-    """The heart's centre as (row, col) in the frames' own pixels (one stack, one geometry).
+    """The window's centre as (row, col) in the frames' own pixels (one stack, one geometry).
 
-    Falls back to the image centre when no frame shows a foreground region.
+    The model learnt on windows cut around the image centre (the store's grid), and cardiac
+    scans are planned with the heart near the isocentre; outside such windows a model sees
+    anatomy it was never trained on and often calls other bright structures blood pool. So
+    the window the store would cut comes first: when it shows the heart in at least half of
+    the frames looked at, it stays the window unless that heart lies further than a quarter
+    window from its centre (then the window moves onto it). Otherwise the heart is searched for in the whole
+    field of view, each foreground region weighed by a prior around the image centre (sigma
+    a quarter of the model's window), the median over the frames. Falls back to the image
+    centre when no frame shows a foreground region.
     """
     rows, cols = frames[0].shape
+    middle = (rows - 1) / 2, (cols - 1) / 2
+    grid = segmenter.grid
     picks = np.unique(np.linspace(0, len(frames) - 1, min(LOCALISE_FRAMES, len(frames))).round())
+    chosen = [np.asarray(frames[i], dtype=np.float32) for i in picks.astype(int)]
+    windows = np.stack([normalise_intensity(resample_image(f, spacing, grid.size, grid.spacing_mm))
+                        for f in chosen])
+    centred = segmenter.probabilities(torch.from_numpy(windows)[:, None])
+    min_px = MIN_HEART_MM2 / grid.spacing_mm ** 2
+    seen = [heart_in_window((1.0 - p[0]).numpy(), min_px) for p in centred]
+    hearts = [(r - (grid.size - 1) / 2, c - (grid.size - 1) / 2) for r, c in filter(None, seen)]
+    if 2 * len(hearts) >= len(chosen):  # offsets from the window's centre, model pixels
+        dr, dc = float(np.median([h[0] for h in hearts])), float(np.median([h[1] for h in hearts]))
+        if math.hypot(dr, dc) <= grid.size / 4:
+            return middle
+        return (middle[0] + dr * grid.spacing_mm / spacing[0],
+                middle[1] + dc * grid.spacing_mm / spacing[1])
     centres = []
-    for index in picks.astype(int):
-        view, side = whole_view(frames[index], spacing, segmenter.grid)
+    for frame in chosen:
+        view, side = whole_view(frame, spacing, grid)
         probs = segmenter.probabilities(torch.from_numpy(view)[None, None])[0]
-        found = largest_component((1.0 - probs[0]).numpy() > 0.5)
-        if found.sum() < 4:
+        found = heart_candidate((1.0 - probs[0]).numpy(), grid.size / 4)
+        if found is None:
             continue
-        r, c = np.argwhere(found).mean(axis=0)
         # whole-view pixel -> original pixel (the view is centred on the image centre)
-        centres.append(((r - (side - 1) / 2) * segmenter.grid.spacing_mm / spacing[0] + (rows - 1) / 2,
-                        (c - (side - 1) / 2) * segmenter.grid.spacing_mm / spacing[1] + (cols - 1) / 2))
+        centres.append(((found[0] - (side - 1) / 2) * grid.spacing_mm / spacing[0] + middle[0],
+                        (found[1] - (side - 1) / 2) * grid.spacing_mm / spacing[1] + middle[1]))
     if not centres:
-        return (rows - 1) / 2, (cols - 1) / 2
+        return middle
     return float(np.median([p[0] for p in centres])), float(np.median([p[1] for p in centres]))
 
 

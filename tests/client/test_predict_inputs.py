@@ -11,7 +11,7 @@ import pydicom
 import pytest
 import torch
 
-from client.inference import ModelGrid, Segmenter, segment_stack
+from client.inference import ModelGrid, Segmenter, locate_heart, segment_stack
 from client.predict_inputs import nifti_affine, predict_dicom, predict_nnunet, read_dicom_stacks, stack_grid
 from shared_model.tasks import get_task
 from tests.client.dicom_factory import write_cine_series
@@ -64,6 +64,24 @@ def test_heart_is_found_and_the_mask_lands_on_it(spacing, centre, radius) -> Non
     # Assert
     assert labels.shape == (2, *shape)
     assert _dice(labels[0] == 1, truth) > 0.9
+
+
+def test_a_bigger_bright_region_at_the_edge_does_not_pull_the_window_off_the_heart() -> None:
+    # Prepare: the heart near the image centre and a larger bright region (another organ the
+    # model was never trained to reject) in a corner of a wide field of view
+    shape = (180, 200)
+    heart = _disc(shape, (95.0, 105.0), 8.0)
+    frame = np.random.default_rng(0).normal(100, 5, size=shape).astype(np.float32)
+    frame[heart] += 800
+    frame[_disc(shape, (25.0, 175.0), 14.0)] += 800
+
+    # Execute
+    centre = locate_heart(_segmenter(), [frame], (1.0, 1.0))
+    labels = segment_stack(_segmenter(), [frame], (1.0, 1.0))
+
+    # Assert: within a quarter window of the image centre the window stays where the store cuts it
+    assert centre == ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
+    assert _dice(labels[0] == 1, heart) > 0.9
 
 
 def _nnunet_folder(root: Path) -> dict[str, np.ndarray]:
