@@ -8,14 +8,16 @@ node's own settings (Flower ``node_config``), never the server's.
 Mods, outermost first:
 
 0. ``redact_errors``: an exception leaves the node as its type only (plus the fixed-form message
-   of the node's own refusals: policy, settings, clipping range, privacy), never free text that
+   of the node's own refusals: policy, settings, privacy), never free text that
    could carry a path or a header value; the traceback stays in the node's own log.
 1. ``node_guard``: the node's own policy — refuses SecAgg+ settings weaker than it accepts, an
    unmask request naming a node both as active and as dropped (which would let the server
    unmask an individual update), and, if the node requires it, any round without SecAgg+.
 2. ``secure_aggregation``: Flower's ``secaggplus_mod`` for SecAgg+ rounds; plain rounds pass.
-3. ``clipping_range_check``: before masking, every weight must lie inside SecAgg+'s clipping
-   range; a weight outside it is an error naming the range, never a silent clip.
+3. ``secagg_update_encoding``: under SecAgg+ the node sends its update, not its weights: the
+   difference from the round's global weights, clipped to the consortium's norm bound and
+   divided by the round's scale so that it fits SecAgg+'s clipping range
+   (:func:`shared_model.wire.encode_update`); trained weights of any size pass.
 4. ``update_clipping``: Flower's ``fixedclipping_mod`` when the server runs user-level DP.
 """
 
@@ -32,7 +34,7 @@ from flwr.app.message_type import MessageType
 from flwr.client import Client
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import parameters_to_ndarrays
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
@@ -47,6 +49,7 @@ from client.federated import FedCMRClient
 from client.node_settings import NodeConfigError, NodePolicy, NodeSettings, node_settings_from_context
 from shared_model.errors import UserError
 from shared_model.privacy import PrivacyError
+from shared_model.wire import UPDATE_NORM_KEY, UPDATE_SCALE_KEY, encode_update
 
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 log = logging.getLogger(__name__)
@@ -56,13 +59,8 @@ class NodePolicyError(UserError, PermissionError):
     """The server asked for something this node's policy does not allow."""
 
 
-class ClippingRangeError(UserError, ValueError):
-    """An outgoing weight lies outside SecAgg+'s clipping range."""
-
-
 # Refusals whose messages are composed from numbers and setting names only: they may leave.
-PUBLIC_ERRORS: tuple[type[Exception], ...] = (NodePolicyError, NodeConfigError, ClippingRangeError,
-                                              PrivacyError)
+PUBLIC_ERRORS: tuple[type[Exception], ...] = (NodePolicyError, NodeConfigError, PrivacyError)
 
 
 def public_reason(error: Exception) -> str:
@@ -121,22 +119,34 @@ def secure_aggregation(msg: Message, context: Context,
     return call_next(msg, context)
 
 
-def clipping_range_check(msg: Message, context: Context,
-                         call_next: Callable[[Message, Context], Message]) -> Message:
-    """Under SecAgg+, every outgoing weight must lie within +-clipping_range (checked, not clipped)."""
+def secagg_update_encoding(msg: Message, context: Context,
+                            call_next: Callable[[Message, Context], Message]) -> Message:
+    """Under SecAgg+, the reply's weights become the encoded update SecAgg+ masks."""
+    if (msg.metadata.message_type != MessageType.TRAIN
+            or RECORD_KEY_CONFIGS not in msg.content.config_records):
+        return call_next(msg, context)
+    fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    missing = [k for k in (UPDATE_SCALE_KEY, UPDATE_NORM_KEY) if k not in fit_ins.config]
+    if missing:
+        raise NodePolicyError(f"the SecAgg+ round's plan carries no {', '.join(missing)}; "
+                              "this node sends updates only as the plan scales them")
+    scale, bound = float(fit_ins.config[UPDATE_SCALE_KEY]), float(fit_ins.config[UPDATE_NORM_KEY])
+    if not (np.isfinite(scale) and scale > 0 and np.isfinite(bound) and bound > 0):
+        raise NodePolicyError(f"the SecAgg+ round's update scale {scale:g} or norm bound {bound:g} "
+                              "is not a positive number")
+    global_arrays = parameters_to_ndarrays(fit_ins.parameters)
     reply = call_next(msg, context)
     state = context.state.config_records.get(RECORD_KEY_STATE)
-    if (msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or state is None
-            or RECORD_KEY_CONFIGS not in msg.content.config_records):
+    if reply.has_error() or state is None:
         return reply
-    limit = float(cast(float, state["clipping_range"]))
-    arrays = parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)
-    for index, array in enumerate(arrays):
-        peak = float(np.abs(array).max()) if array.size else 0.0
-        if peak > limit:
-            raise ClippingRangeError(f"weight array {index} reaches {peak:.3g}, outside SecAgg+'s clipping "
-                             f"range +-{limit:g}; raise federation.secagg.clipping_range on the "
-                             "server (SecAgg+ would otherwise clip it silently)")
+    fit_res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    encoded = encode_update(parameters_to_ndarrays(fit_res.parameters), global_arrays, scale, bound,
+                            float(cast(float, state["clipping_range"])))
+    if encoded.shrink < 1.0:
+        log.info("SecAgg+: update of norm %.4g shrunk by %.4g to fit the norm bound %g and the "
+                 "clipping range", encoded.norm, encoded.shrink, bound)
+    fit_res.parameters = ndarrays_to_parameters(encoded.arrays)
+    reply.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
     return reply
 
 
@@ -166,7 +176,8 @@ def build_client_app(settings_fn: Callable[[Context], NodeSettings] = node_setti
     def guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         return node_guard(settings_fn(context).policy)(msg, context, call_next)
 
-    mods = [redact_errors, *(extra_mods or []), guard, secure_aggregation, clipping_range_check, update_clipping]
+    mods = [redact_errors, *(extra_mods or []), guard, secure_aggregation, secagg_update_encoding,
+            update_clipping]
     return ClientApp(client_fn=client_fn, mods=mods)
 
 

@@ -5,8 +5,10 @@ server.aggregators). Around it, per round:
 
 - ``configure_fit``: refuse to start a round that would exceed the privacy budget; send every
   site the plan, the phase, the task, the global round and the run's schedule position (and the
-  update clipping norm under user-level DP).
+  update clipping norm under user-level DP; the update scale and norm bound under SecAgg+).
 - ``aggregate_fit``: without SecAgg+, validate each reply (server.validation) and drop bad ones;
+  under SecAgg+, decode the unmasked mean update onto the global weights (shared_model.wire)
+  and check it (finite, within the norm bound; else the round keeps the global model);
   aggregate when at least ``min_replies`` remain (else keep the global model); add Gaussian noise
   under user-level DP; cast back to float32 (SecAgg+ returns float64); record the ledger, the
   metrics and a checkpoint.
@@ -39,7 +41,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from server.aggregators import set_current
 from server.ledger import LedgerEntry, PrivacyLedger
 from server.metrics import RecordKind, RoundRecord, RoundStatus
-from server.validation import UpdateBounds, update_problem
+from server.validation import UpdateBounds, capped_examples, norm_outliers, update_norm, update_problem
 from shared_model.config import FedCMRConfig, PrivacyMode, config_to_yaml, secagg_enabled
 from shared_model.wire import (
     PHASE_KEY,
@@ -48,7 +50,11 @@ from shared_model.wire import (
     SPAN_END_KEY,
     SPAN_START_KEY,
     TASK_KEY,
+    UPDATE_NORM_KEY,
+    UPDATE_SCALE_KEY,
+    decode_update,
     outgoing_metrics,
+    update_scale,
 )
 
 log = logging.getLogger(__name__)
@@ -103,8 +109,11 @@ class PhaseStrategy(Strategy):
         self.evaluate_each_round = evaluate_each_round
         self.secure = secagg_enabled(cfg)
         self.plan_yaml = config_to_yaml(cfg)
-        self.bounds = UpdateBounds(cfg.federation.max_update_norm, cfg.federation.min_examples,
-                                   cfg.federation.max_examples)
+        fed = cfg.federation
+        self.bounds = UpdateBounds(fed.max_update_norm, fed.min_examples, fed.max_examples,
+                                   fed.max_update_norm_ratio, fed.max_examples_ratio)
+        sa = cfg.federation.secagg
+        self.update_scale = update_scale(sa.max_weight_change, sa.clipping_range)
         self.noise_rng = np.random.default_rng(secrets.randbits(128))  # never predictable
         self.halt: RuntimeError | None = None
         self.last_recorded: int | None = None  # the last fit round recorded (any status)
@@ -134,6 +143,9 @@ class PhaseStrategy(Strategy):
         extra = self._round_config(server_round)
         if self.cfg.privacy.mode == PrivacyMode.user:
             extra[KEY_CLIPPING_NORM] = float(self.cfg.privacy.update_clip_norm)
+        if self.secure:
+            extra[UPDATE_SCALE_KEY] = self.update_scale
+            extra[UPDATE_NORM_KEY] = float(self.cfg.federation.max_update_norm)
         for _, ins in instructions:
             ins.config.update(extra)
         return instructions
@@ -142,7 +154,7 @@ class PhaseStrategy(Strategy):
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
         _keep_allowed_metrics(results)
         excluded = {f"failure-{i}": _describe(f) for i, f in enumerate(failures)}
-        valid = results if self.secure else self._validated(results, excluded)
+        valid = self._decoded(results, excluded) if self.secure else self._validated(results, excluded)
         if self.cfg.privacy.mode == PrivacyMode.user:
             for _, res in valid:
                 res.num_examples = 1  # uniform weights: the noise is calibrated to them
@@ -216,17 +228,65 @@ class PhaseStrategy(Strategy):
 
     def _validated(self, results: list[tuple[ClientProxy, FitRes]],
                    excluded: dict[str, str]) -> list[tuple[ClientProxy, FitRes]]:
-        valid = []
+        passed: list[tuple[str, ClientProxy, FitRes]] = []
         for proxy, res in results:
-            problem = update_problem(parameters_to_ndarrays(res.parameters), res.num_examples,
-                                     self.current, self.bounds)
+            name = site_name(proxy, res.metrics)
+            arrays = parameters_to_ndarrays(res.parameters)
+            problem = update_problem(arrays, res.num_examples, self.current, self.bounds)
             if problem is None:
-                valid.append((proxy, res))
+                passed.append((name, proxy, res))
             else:
-                name = site_name(proxy, res.metrics)
                 log.warning("excluding the update of %s: %s", name, problem)
                 excluded[name] = problem
-        return valid
+        # against the round (keyed by reply, not by the name a site reports): norms relative to
+        # the median, example claims capped
+        norms = {str(i): update_norm(parameters_to_ndarrays(res.parameters), self.current)
+                 for i, (_, _, res) in enumerate(passed)}
+        outliers = norm_outliers(norms, self.bounds)
+        kept = []
+        for i, (name, proxy, res) in enumerate(passed):
+            if str(i) in outliers:
+                log.warning("excluding the update of %s: %s", name, outliers[str(i)])
+                excluded[name] = outliers[str(i)]
+            else:
+                kept.append((name, proxy, res))
+        counted = capped_examples({str(i): res.num_examples for i, (_, _, res) in enumerate(kept)},
+                                  self.bounds)
+        for i, (name, _, res) in enumerate(kept):
+            if counted[str(i)] < res.num_examples:
+                log.warning("%s claims %d examples; it counts as %d (federation.max_examples_ratio "
+                            "x the round's median)", name, res.num_examples, counted[str(i)])
+                res.num_examples = counted[str(i)]
+        return [(proxy, res) for _, proxy, res in kept]
+
+    def _decoded(self, results: list[tuple[ClientProxy, FitRes]],
+                 excluded: dict[str, str]) -> list[tuple[ClientProxy, FitRes]]:
+        """SecAgg+: every result carries the same unmasked mean of the sites' encoded updates;
+        it becomes the new global weights, or nothing when the aggregate fails its checks."""
+        if not results:
+            return results
+        mean = [a.astype(np.float64) for a in parameters_to_ndarrays(results[0][1].parameters)]
+        problem = None
+        if len(mean) != len(self.current) or any(m.shape != g.shape for m, g in zip(mean, self.current)):
+            problem = "the aggregate does not match the global model's arrays"
+        elif not all(np.isfinite(m).all() for m in mean):
+            problem = "the aggregate holds NaN or Inf"
+        if problem is None:
+            arrays = decode_update(mean, self.current, self.update_scale)
+            bound = self.cfg.federation.max_update_norm
+            norm = update_norm(arrays, self.current)
+            # a weighted mean of updates each clipped to the bound, plus quantisation error
+            if norm > bound * (1 + 1e-3) + 1e-6:
+                problem = (f"the aggregate update's norm {norm:.3g} exceeds "
+                           f"federation.max_update_norm={bound:g}")
+        if problem is not None:
+            log.warning("excluding the SecAgg+ aggregate: %s", problem)
+            excluded["secagg-aggregate"] = problem
+            return []
+        params = ndarrays_to_parameters(arrays)
+        for _, res in results:
+            res.parameters = params
+        return results
 
     def _add_noise(self, arrays: list[np.ndarray], num_sites: int) -> list[np.ndarray]:
         """Gaussian mechanism on the mean of clipped updates: std = sigma * C / n."""

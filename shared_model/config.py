@@ -209,7 +209,12 @@ class SecAggConfig:
     mode: SecAggMode = SecAggMode.auto
     num_shares: int = 3
     reconstruction_threshold: int = 2
-    clipping_range: float = 8.0  # every weight must lie in [-range, range]
+    clipping_range: float = 8.0  # every value sent must lie in [-range, range]
+    # Nodes send their update (weights - the round's global weights), scaled so that a change
+    # of this much per weight maps onto the clipping range; an update with a larger change is
+    # shrunk as a whole to fit. Quantisation step per weight: 2 * max_weight_change /
+    # quantization_range.
+    max_weight_change: float = 1.0
     quantization_range: int = 4194304
     # Example weights are capped at this under SecAgg+ (a site with more images counts as
     # this many). Quantisation error per weight ~ sites * 2 * clipping_range /
@@ -241,11 +246,17 @@ class FederationConfig:
     heads: HeadSharing = HeadSharing.aggregated  # task heads in fine-tuning
     ssl_head: HeadSharing = HeadSharing.aggregated  # the SSL head (MAE decoder, DINO head)
     round_timeout_s: float = 600.0
-    # Update validation (without SecAgg+): a site's update is excluded when the L2 norm of
-    # (its weights - the global weights) exceeds this, or its example count is out of range.
+    # Update validation: without SecAgg+ a site's update is excluded when the L2 norm of (its
+    # weights - the global weights) exceeds this, or its example count is out of range; under
+    # SecAgg+ each node clips its update to this norm before masking.
     max_update_norm: float = 100.0
     min_examples: int = 1
     max_examples: int = 10_000_000
+    # Against the round itself (without SecAgg+, from 3 valid replies): an update further than
+    # this x the median update norm is excluded (0: off) ...
+    max_update_norm_ratio: float = 3.0
+    # ... and a site's example count counts as at most this x the median claim (0: off).
+    max_examples_ratio: float = 2.0
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
@@ -500,6 +511,7 @@ def validate_config(cfg: FedCMRConfig) -> None:
                  "sim.real_sites", f"'{entry}': the only option is ?group=<name> (nnunet)")
     sa = cfg.federation.secagg
     _require(sa.clipping_range > 0, "federation.secagg.clipping_range", "must be > 0")
+    _require(sa.max_weight_change > 0, "federation.secagg.max_weight_change", "must be > 0")
     _require(sa.num_shares >= 3, "federation.secagg.num_shares",
              "must be >= 3 (Flower's SecAgg+ needs it; SecAgg+ needs at least 3 sites)")
     _require(2 <= sa.reconstruction_threshold <= sa.num_shares,
@@ -536,6 +548,10 @@ def validate_config(cfg: FedCMRConfig) -> None:
              "must not exceed federation.min_sites")
     _require(0 <= fed.trim_fraction < 0.5, "federation.trim_fraction", "must lie in [0, 0.5)")
     _require(fed.max_update_norm > 0, "federation.max_update_norm", "must be > 0")
+    _require(fed.max_update_norm_ratio == 0 or fed.max_update_norm_ratio >= 1,
+             "federation.max_update_norm_ratio", "must be 0 (off) or >= 1")
+    _require(fed.max_examples_ratio == 0 or fed.max_examples_ratio >= 1,
+             "federation.max_examples_ratio", "must be 0 (off) or >= 1")
     _require(1 <= fed.min_examples <= fed.max_examples, "federation.min_examples",
              "must satisfy 1 <= min_examples <= max_examples")
     device = cfg.device
