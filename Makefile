@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY := PASSIVE
 # Tools started by Flower (flower-superlink, flower-supernode) come from the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test e2e lint bench install clean
+.PHONY: demo test e2e reliability lint bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ test: $(VENV)/.installed-test
 # The deployment on loopback: SuperLink, SuperNodes and `flwr run` as real processes (~2.5 min).
 e2e: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m e2e $(PYTEST_ARGS)
+
+# The reliability and security checks (tests/reliability.py): the marked tests and one table,
+# also in reliability.json.
+reliability: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m reliability --reliability --reliability-json reliability.json $(PYTEST_ARGS)
 
 # ruff (packages, benchmarks, tests) and mypy (packages, benchmarks) as configured in pyproject.toml.
 lint: $(VENV)/.installed-lint

@@ -35,6 +35,9 @@ from client.store import normalise_intensity
 LOCALISE_FRAMES = 6  # frames of a stack the coarse pass looks at
 PAD_MULTIPLE = 16  # the whole-view pass pads to a multiple of the encoder's coarsest stride
 MIN_HEART_MM2 = 100.0  # smallest foreground region taken for a heart (an LV cavity in systole)
+# The store's window moves onto a heart it shows only when that heart lies further than this
+# share of the window from its centre.
+RECENTRE_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ def locate_heart(segmenter: Segmenter, frames: Sequence[np.ndarray],
     hearts = [(r - (grid.size - 1) / 2, c - (grid.size - 1) / 2) for r, c in filter(None, seen)]
     if 2 * len(hearts) >= len(chosen):  # offsets from the window's centre, model pixels
         dr, dc = float(np.median([h[0] for h in hearts])), float(np.median([h[1] for h in hearts]))
-        if math.hypot(dr, dc) <= grid.size / 4:
+        if math.hypot(dr, dc) <= RECENTRE_FRACTION * grid.size:
             return middle
         return (middle[0] + dr * grid.spacing_mm / spacing[0],
                 middle[1] + dc * grid.spacing_mm / spacing[1])

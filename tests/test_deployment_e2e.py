@@ -129,6 +129,7 @@ def _wait_online(folder: ConsortiumDir, node_ids: set[int], timeout_s: float) ->
     return status
 
 
+@pytest.mark.reliability(1, 3)
 def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback) -> None:
     # Prepare: the consortium's folder and SuperLink; three hospitals' keys and stores
     port = _free_port()

@@ -14,6 +14,7 @@ from client.store import LocalStore
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+@pytest.mark.reliability(15)
 def test_each_bad_kind_is_skipped_with_its_reason(tmp_path, kind):
     # Prepare: one good series and one bad file next to it
     truth = write_cine_series(tmp_path / "export", slices=2, phases=3, rows=16, cols=16)
@@ -37,6 +38,7 @@ def test_each_bad_kind_is_skipped_with_its_reason(tmp_path, kind):
     ("no_meta.dcm", "not_dicom"),
     ("JPEG2000.dcm", "not_mr"),
 ])
+@pytest.mark.reliability(15)
 def test_pydicom_sample_files_are_skipped_with_reason(tmp_path, name, reason):
     # Prepare
     (tmp_path / "export").mkdir()
@@ -72,6 +74,7 @@ def test_pydicom_sample_mr_files_in_other_syntaxes_are_read(tmp_path):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.reliability(15)
 def test_thousand_files_with_ten_percent_bad_ingest_the_good_ones(tmp_path):
     # Prepare: 30 series x 30 tiny frames = 900 good files, 100 bad ones of every kind
     truths = [write_cine_series(tmp_path / "export" / f"s{i:02d}", seed=i, slices=5, phases=6,
@@ -95,6 +98,7 @@ def test_thousand_files_with_ten_percent_bad_ingest_the_good_ones(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.reliability(15)
 def test_a_file_that_kills_its_worker_costs_only_itself(tmp_path, monkeypatch):
     # Prepare: 60 good files and one whose reading kills the worker process (forked workers
     # inherit the patched reader)
@@ -126,6 +130,7 @@ def test_a_file_that_kills_its_worker_costs_only_itself(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.reliability(15)
 def test_a_file_that_hangs_its_worker_is_timed_out(tmp_path, monkeypatch):
     # Prepare: one file on which reading never returns
     import time

@@ -12,6 +12,7 @@ cohort = pytest.importorskip("sim.cohort")
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.reliability(16)
 def test_synthetic_site_export_is_ingested_with_labels_and_no_phi(tmp_path):
     # Prepare: one site, one subject, shrunk protocol
     from dicom_factory import ingest_dicom

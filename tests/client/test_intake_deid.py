@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import stat
 
+import pytest
+
 from dicom_factory import (
     PHI,
     UID_ROOT,
@@ -39,6 +41,7 @@ def _store_bytes(store):
     return {path: path.read_bytes().lower() for path in store.rglob("*") if path.is_file()}
 
 
+@pytest.mark.reliability(16)
 def test_planted_phi_never_reaches_store_summary_logs_or_console(tmp_path, caplog, recwarn):
     # Prepare
     export, labels, cine, enhanced = _export_with_phi(tmp_path)

@@ -102,6 +102,7 @@ def _serve_tls_once(folder: ConsortiumDir) -> tuple[int, threading.Thread]:
     return listener.getsockname()[1], thread
 
 
+@pytest.mark.reliability(3)
 def test_a_node_trusts_the_superlink_with_its_consortium_ca_only(tmp_path: Path) -> None:
     # Prepare: two consortia; a TLS server with the first one's SuperLink certificate
     ours = init_consortium(tmp_path / "ours", "Ours", [])
@@ -181,6 +182,7 @@ def test_a_stale_pid_file_is_never_taken_for_a_running_superlink(tmp_path: Path)
 
 
 @pytest.mark.parametrize("revoked, fragment", [(None, "already admitted as site"), ("2026-01-01", "stays revoked")])
+@pytest.mark.reliability(1)
 def test_a_key_is_admitted_once_and_a_revoked_key_never_again(tmp_path: Path, revoked, fragment) -> None:
     # Prepare: the registry already holds this key under another site
     folder = init_consortium(tmp_path / "c", "Test consortium", [])

@@ -34,11 +34,18 @@ BOUNDS = UpdateBounds(max_update_norm=10.0, min_examples=1, max_examples=1000)
     ([np.zeros((4, 3), np.float32)], 10, "1 arrays instead of 2"),
     ([np.full((4, 3), 100.0, np.float32), np.ones(5, np.float32)], 10, "update norm"),
     ([np.zeros((4, 3), np.float32), np.ones(5, np.float32)], 0, "num_examples"),
+    ([np.zeros((4, 3), np.float32), np.ones(5, np.float32)], -3, "num_examples"),
+    ([np.zeros((4, 3), np.float32), np.ones(5, np.float32)], 1001, "num_examples"),
+    ([np.zeros((4, 3), np.float32), np.ones(5, np.float32), np.ones(2, np.float32)], 10,
+     "3 arrays instead of 2"),
+    ([np.zeros((4, 3), np.float32), np.full(5, np.inf, np.float32)], 10, "non-finite"),
 ])
+@pytest.mark.reliability(5)
 def test_bad_updates_are_named(arrays, examples, fragment) -> None:
     assert fragment in update_problem(arrays, examples, GLOBAL, BOUNDS)
 
 
+@pytest.mark.reliability(5)
 def test_good_update_passes() -> None:
     good = [np.full((4, 3), 0.5, np.float32), np.ones(5, np.float32)]
     assert update_problem(good, 10, GLOBAL, BOUNDS) is None
@@ -64,6 +71,7 @@ def _strategy(records: list, overrides: list[str] = ()):
     return strategy, rounds
 
 
+@pytest.mark.reliability(5)
 def test_strategy_excludes_bad_replies_and_keeps_a_finite_model() -> None:
     records: list = []
     strategy, rounds = _strategy(records)
@@ -80,6 +88,7 @@ def test_strategy_excludes_bad_replies_and_keeps_a_finite_model() -> None:
     assert records[-1].status == RoundStatus.aggregated and rounds == [1]
 
 
+@pytest.mark.reliability(5)
 def test_too_few_valid_replies_keep_the_global_model() -> None:
     records: list = []
     strategy, rounds = _strategy(records)
@@ -102,6 +111,7 @@ def test_user_dp_noise_and_ledger() -> None:
     assert strategy.ledger.epsilon("all-sites", "user") == pytest.approx(epsilon_for([[1.0, 1.0, 1]], 1e-5))
 
 
+@pytest.mark.reliability(10)
 def test_budget_halts_before_the_round() -> None:
     strategy, _ = _strategy([], ["privacy.mode=user", "privacy.noise_multiplier=0.5",
                                  "privacy.epsilon_budget=0.5"])
@@ -109,6 +119,7 @@ def test_budget_halts_before_the_round() -> None:
     assert "privacy.epsilon_budget=0.5" in str(strategy.halt)
 
 
+@pytest.mark.reliability(10)
 def test_ledger_composes_and_round_trips() -> None:
     ledger = PrivacyLedger(1e-5, "rdp")
     for r in (1, 2):
@@ -130,6 +141,7 @@ def _state() -> ServerState:
                        ledger_json=PrivacyLedger(1e-5).to_json(), phases_done=[])
 
 
+@pytest.mark.reliability(12)
 def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
     cfg = load_config("demo-cpu", [f"output.dir={tmp_path}"])
     state = _state()
@@ -162,6 +174,7 @@ def _rewrite_checkpoint(path: Path, edit) -> None:
     (lambda t, m: t.pop("opt/m_t/0"), "'opt/m_t/0'"),
     (lambda t, m: m.update(ledger='{"delta": 1e-05, "accountant": "prv"}'), "'entries'"),
 ])
+@pytest.mark.reliability(12)
 def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit, fragment) -> None:
     # Prepare: a good checkpoint with one field or tensor removed
     cfg = load_config("demo-cpu", [f"output.dir={tmp_path}"])
@@ -215,6 +228,7 @@ def test_server_optimizer_state_is_restored() -> None:
     assert all(np.allclose(x, y) for x, y in zip(parameters_to_ndarrays(a), parameters_to_ndarrays(b)))
 
 
+@pytest.mark.reliability(9)
 def test_node_guard_refuses_weak_secagg_and_contradictory_unmask() -> None:
     policy = NodePolicy(min_secagg_threshold=3, min_secagg_shares=4)
     with pytest.raises(NodePolicyError, match="below this node's policy"):
@@ -225,6 +239,7 @@ def test_node_guard_refuses_weak_secagg_and_contradictory_unmask() -> None:
     check_secagg_request({"stage": "unmask", "active_nids": [1, 2], "dead_nids": [3]}, policy)
 
 
+@pytest.mark.reliability(16)
 def test_node_failures_leave_as_their_type_only_and_refusals_with_their_message(monkeypatch) -> None:
     # Arrange: a failure whose text carries a local path, and a policy refusal
     from flwr.app import Message, RecordDict
@@ -254,6 +269,7 @@ def test_node_failures_leave_as_their_type_only_and_refusals_with_their_message(
     assert refused.has_error() and "below this node's policy" in refused.error.reason
 
 
+@pytest.mark.reliability(16)
 def test_server_keeps_only_allow_listed_scalar_metrics_from_nodes() -> None:
     from server.strategy import _keep_allowed_metrics
 
@@ -274,6 +290,7 @@ class _OneReplyGrid:
 
 
 @pytest.mark.parametrize("kind", ["fit", "evaluate"])
+@pytest.mark.reliability(11)
 def test_a_silent_site_counts_as_a_timeout_in_fit_and_evaluate_rounds(monkeypatch, kind: str) -> None:
     # Prepare: two sites asked, one answers OK
     import flwr.compat.common.recorddict_compat as compat
@@ -309,6 +326,7 @@ def test_a_silent_site_counts_as_a_timeout_in_fit_and_evaluate_rounds(monkeypatc
     assert "no reply within 5 s" in str(failures[0])
 
 
+@pytest.mark.reliability(7)
 def test_a_halted_secagg_round_is_recorded_and_the_model_stays() -> None:
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
     from flwr.server import LegacyContext, ServerConfig
@@ -363,3 +381,48 @@ def test_export_writes_the_release_of_a_run(tmp_path: Path) -> None:
     assert {p.name for p in out.iterdir()} >= {"encoder.safetensors", "config.yaml", "model_card.md"}
     assert torch.equal(load_safetensors(out / "encoder.safetensors")[0]["pos_embed"], encoder["pos_embed"])
     assert not list(tmp_path.glob(".*staging*"))
+
+
+@pytest.mark.reliability(7)
+def test_a_secagg_aggregate_is_decoded_onto_the_global_model_or_refused() -> None:
+    from shared_model.wire import UPDATE_NORM_KEY, UPDATE_SCALE_KEY
+
+    # Prepare: a SecAgg+ strategy; every result carries the same unmasked mean update
+    records: list = []
+    strategy, rounds = _strategy(records, ["federation.secagg.mode=always",
+                                           "federation.secagg.max_weight_change=0.5"])
+    scale = strategy.update_scale
+    mean = [np.full((4, 3), 0.2 / scale, np.float32), np.zeros(5, np.float32)]
+
+    # Execute
+    params, _ = strategy.aggregate_fit(1, [(_Proxy(i), _fit_res(mean, i)) for i in range(3)], [])
+
+    # Assert: the plan carried the scale and bound, the new global is global + scale * mean
+    assert scale == pytest.approx(0.5 / 8.0)
+    merged = parameters_to_ndarrays(params)
+    assert np.allclose(merged[0], 0.2) and np.allclose(merged[1], 1.0)
+    assert records[-1].status == RoundStatus.aggregated
+
+    # Execute: an aggregate past the norm bound (10 here: sites that did not clip) and one
+    # holding NaN
+    for bad in ([np.full((4, 3), 400.0, np.float32), np.zeros(5, np.float32)],
+                [np.full((4, 3), np.nan, np.float32), np.zeros(5, np.float32)]):
+        before = [a.copy() for a in strategy.current]
+        params, _ = strategy.aggregate_fit(2, [(_Proxy(i), _fit_res(bad, i)) for i in range(3)], [])
+
+        # Assert: refused, recorded, the model unchanged
+        assert params is None and records[-1].status == RoundStatus.skipped
+        assert "secagg-aggregate" in records[-1].excluded
+        assert all(np.array_equal(a, b) for a, b in zip(strategy.current, before, strict=True))
+
+    # Execute: the next round's instructions
+    from flwr.server.client_manager import SimpleClientManager
+    manager = SimpleClientManager()
+    for i in range(3):
+        manager.register(_Proxy(i))
+    instructions = strategy.configure_fit(3, ndarrays_to_parameters(strategy.current), manager)
+
+    # Assert: every site is told the scale and the norm bound its update must keep
+    assert len(instructions) == 3
+    assert all(ins.config[UPDATE_SCALE_KEY] == scale and ins.config[UPDATE_NORM_KEY] == 10.0
+               for _, ins in instructions)
