@@ -10,9 +10,10 @@ Mods, outermost first:
 0. ``redact_errors``: an exception leaves the node as its type only (plus the fixed-form message
    of the node's own refusals: policy, settings, privacy), never free text that
    could carry a path or a header value; the traceback stays in the node's own log.
-1. ``node_guard``: the node's own policy — refuses SecAgg+ settings weaker than it accepts, an
-   unmask request naming a node both as active and as dropped (which would let the server
-   unmask an individual update), and, if the node requires it, any round without SecAgg+.
+1. ``node_guard``: the node's own policy — refuses SecAgg+ settings weaker than it accepts (and
+   any threshold of at most half the shares), an unmask request naming a node both as active
+   and as dropped (which would let the server unmask an individual update), and, if the node
+   requires it, any round without SecAgg+.
 2. ``secure_aggregation``: Flower's ``secaggplus_mod`` for SecAgg+ rounds; plain rounds pass.
 3. ``secagg_update_encoding``: under SecAgg+ the node sends its update, not its weights: the
    difference from the round's global weights, clipped to the consortium's norm bound and
@@ -104,6 +105,10 @@ def check_secagg_request(configs: dict, policy: NodePolicy) -> None:
                 f"SecAgg+ with threshold {threshold} and {shares} shares is below this node's "
                 f"policy (threshold >= {policy.min_secagg_threshold}, shares >= "
                 f"{policy.min_secagg_shares})")
+        if 2 * threshold <= shares:
+            raise NodePolicyError(
+                f"SecAgg+ with threshold {threshold} of {shares} shares: a threshold of at most "
+                "half the shares would let the server reconstruct both of a site's masks")
     elif stage == Stage.UNMASK:
         both = set(configs.get(Key.ACTIVE_NODE_ID_LIST, [])) & set(configs.get(Key.DEAD_NODE_ID_LIST, []))
         if both:

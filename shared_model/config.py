@@ -517,6 +517,10 @@ def validate_config(cfg: FedCMRConfig) -> None:
     _require(2 <= sa.reconstruction_threshold <= sa.num_shares,
              "federation.secagg.reconstruction_threshold",
              "must satisfy 2 <= threshold <= num_shares")
+    _require(2 * sa.reconstruction_threshold > sa.num_shares,
+             "federation.secagg.reconstruction_threshold",
+             "must exceed half of num_shares (nodes refuse less: the server could reconstruct "
+             "both of a site's masks)")
     _require(sa.timeout_s > 0, "federation.secagg.timeout_s", "must be > 0 seconds")
     from shared_model.tasks import TASKS
 

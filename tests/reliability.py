@@ -36,8 +36,7 @@ CHECKS = (
     Check(8, "SecAgg+ drop-outs",
           "more than n - t sites dropped: the round aborts, unmasks nothing, the next succeeds"),
     Check(9, "Malicious-server probes at the node",
-          "duplicate public keys, stages out of order, a plaintext round when SecAgg+ is required, "
-          "a noise multiplier below the node's minimum"),
+          "a noise multiplier below the node's minimum (the node has no such policy yet)"),
     Check(10, "Privacy accounting",
           "epsilon at the node after a resume; BatchNorm refused for DP; two runs, different noise"),
     Check(11, "Node killed and straggler",
