@@ -156,11 +156,13 @@ def build_workflow(cfg: FedCMRConfig, strategy: PhaseStrategy | None = None) -> 
 
 def counting_halts(fit: Workflow, strategy: PhaseStrategy) -> Workflow:
     """SecAgg+'s fit step, after which a round the strategy never saw (the workflow halted it
-    before aggregation) is recorded as halted."""
+    before aggregation) is recorded as halted. A round after the phase stopped (paused, out of
+    budget) sent no instructions and is not a round: nothing is recorded."""
     def run(grid: Grid, context: Context) -> None:
         server_round = current_round(context)
+        stopped = strategy.halt is not None
         fit(grid, context)
-        if strategy.last_recorded != server_round:
+        if not stopped and strategy.last_recorded != server_round:
             strategy.record_halted(server_round)
 
     return run

@@ -53,12 +53,26 @@ def corrupt_reply(site: int, round_: int, change: Callable[[list[np.ndarray]], l
     return mod
 
 
-def drop_during_masking(site: int) -> Mod:
-    """A mod that makes one site vanish after key sharing, when it should upload masked weights."""
+def drop_during_masking(site: int, round_: int | None = None) -> Mod:
+    """A mod that makes one site vanish after key sharing, when it should upload masked weights
+    (in every round, or in global round ``round_`` only)."""
     def mod(msg: Message, context: Context, call_next):
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         if (configs is not None and configs.get("stage") == "collect_masked_vectors"
-                and int(context.node_config["partition-id"]) == site):
+                and int(context.node_config["partition-id"]) == site
+                and (round_ is None
+                     or int(compat.recorddict_to_fitins(msg.content, True).config.get("round", -1)) == round_)):
             raise ConnectionError("site went offline during masking")
+        return call_next(msg, context)
+    return mod
+
+
+def record_stages(site: int, path: Path) -> Mod:
+    """A mod that appends every SecAgg+ stage one site is asked for to ``path``, a line each."""
+    def mod(msg: Message, context: Context, call_next):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None and int(context.node_config["partition-id"]) == site:
+            with path.open("a") as handle:
+                handle.write(f"{configs.get('stage')}\n")
         return call_next(msg, context)
     return mod

@@ -13,7 +13,14 @@ from server.ledger import PrivacyLedger
 from server.state import load_state
 from shared_model.privacy import epsilon_for
 from shared_model.weights import load_safetensors
-from tests.server.federation_helpers import corrupt_reply, drop_during_masking, federate, make_sites
+from shared_model.phase_models import initial_ssl_model
+from tests.server.federation_helpers import (
+    corrupt_reply,
+    drop_during_masking,
+    federate,
+    make_sites,
+    record_stages,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +57,34 @@ def test_secagg_round_survives_a_dropped_site(tmp_path: Path, sites3: Path) -> N
     record = read_records(tmp_path / "run")[0]
     assert record["status"] == "aggregated" and set(record["sites"]) == {"site-0", "site-1"}
     assert all(torch.isfinite(v).all() for v in _encoder(tmp_path / "run").values())
+
+
+@pytest.mark.reliability(8)
+def test_too_many_drop_outs_abort_the_round_unmask_nothing_and_the_next_round_succeeds(
+        tmp_path: Path, sites3: Path) -> None:
+    # Prepare: two of three sites vanish after key sharing in round 1 (threshold 2: one survivor)
+    secure = ["federation.rounds=2", "federation.secagg.mode=always"]
+    stages = tmp_path / "stages-site0.txt"
+    cfg, paused = federate(tmp_path / "run", sites3, 3, [*secure, "output.stop_after_round=1"],
+                           extra_mods=[drop_during_masking(1, round_=1), drop_during_masking(2, round_=1),
+                                       record_stages(0, stages)])
+
+    # Assert: round 1 halted, the survivor was never asked to unmask, the model is the initial one
+    assert paused.status == RunStatus.paused
+    assert [r["status"] for r in read_records(tmp_path / "run")] == ["halted"]
+    assert "unmask" not in stages.read_text().split()
+    state = load_state(tmp_path / "run", cfg)
+    initial = initial_ssl_model(cfg).state_dict()
+    assert state.phase_keys and all(np.array_equal(a, initial[k].numpy())
+                                    for k, a in zip(state.phase_keys, state.phase_arrays, strict=True))
+
+    # Execute: the run goes on with every site
+    _, done = federate(tmp_path / "run", sites3, 3, [*secure, "output.resume=true"])
+
+    # Assert: round 2 aggregated all three
+    assert done.status == RunStatus.released
+    last = read_records(tmp_path / "run")[-1]
+    assert last["status"] == "aggregated" and set(last["sites"]) == {"site-0", "site-1", "site-2"}
 
 
 @pytest.mark.reliability(5)

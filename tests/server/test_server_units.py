@@ -357,6 +357,14 @@ def test_a_halted_secagg_round_is_recorded_and_the_model_stays() -> None:
     # Assert
     assert [r.status for r in records] == [RoundStatus.halted, RoundStatus.aggregated] and rounds == [2, 3]
 
+    # Execute: a round after the phase stopped (paused) sends nothing and is no halted round
+    strategy.halt = RuntimeError("paused after round 3")
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 4})
+    counting_halts(lambda grid, ctx: None, strategy)(None, context)
+
+    # Assert
+    assert len(records) == 2 and rounds == [2, 3]
+
 
 def test_export_writes_the_release_of_a_run(tmp_path: Path) -> None:
     from server.release import export_release
