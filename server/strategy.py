@@ -229,19 +229,18 @@ class PhaseStrategy(Strategy):
     def _validated(self, results: list[tuple[ClientProxy, FitRes]],
                    excluded: dict[str, str]) -> list[tuple[ClientProxy, FitRes]]:
         passed: list[tuple[str, ClientProxy, FitRes]] = []
+        norms: dict[str, float] = {}  # keyed by reply, not by the name a site reports
         for proxy, res in results:
             name = site_name(proxy, res.metrics)
             arrays = parameters_to_ndarrays(res.parameters)
             problem = update_problem(arrays, res.num_examples, self.current, self.bounds)
             if problem is None:
+                norms[str(len(passed))] = update_norm(arrays, self.current)
                 passed.append((name, proxy, res))
             else:
                 log.warning("excluding the update of %s: %s", name, problem)
                 excluded[name] = problem
-        # against the round (keyed by reply, not by the name a site reports): norms relative to
-        # the median, example claims capped
-        norms = {str(i): update_norm(parameters_to_ndarrays(res.parameters), self.current)
-                 for i, (_, _, res) in enumerate(passed)}
+        # against the round: norms relative to the median, example claims capped
         outliers = norm_outliers(norms, self.bounds)
         kept = []
         for i, (name, proxy, res) in enumerate(passed):
