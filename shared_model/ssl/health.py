@@ -7,8 +7,8 @@
   0.005 measured) although the frames are well told apart.
 - :func:`rankme`: effective rank of the (centred) embedding matrix (Garrido et al., ICML
   2023), ~1 at collapse, up to min(N - 1, D).
-- :func:`patch_probe_dice`: a k-nearest-neighbour probe on frozen patch tokens: how well do they
-  tell the LV blood pool from the rest on frames held aside? A cheap, dense read of usefulness
+- :func:`patch_probe_dice`: a class-balanced k-nearest-neighbour probe on frozen patch tokens:
+  how well do they tell the LV blood pool from the rest on frames held aside? A cheap, dense read of usefulness
   that never feeds back into training.
 """
 
@@ -75,14 +75,24 @@ def patch_labels(masks: torch.Tensor, patch: int, value: int = 1) -> torch.Tenso
 @torch.no_grad()
 def patch_probe_dice(train_tokens: torch.Tensor, train_labels: torch.Tensor,
                      test_tokens: torch.Tensor, test_labels: torch.Tensor, k: int = 10) -> float:
-    """Dice of a cosine k-NN vote over patch tokens: (N, P, D) tokens, (N, P) bool labels."""
+    """Dice of a class-balanced cosine k-NN vote over patch tokens: (N, P, D) tokens, (N, P)
+    bool labels.
+
+    Each neighbour votes with the inverse of its class's share of the fitted patches, so the
+    blood pool (~5 % of 8-px patches) is not outvoted by prevalence alone: a plain majority vote
+    predicts almost no positives whatever the tokens carry.
+    """
     keys = F.normalize(train_tokens.flatten(0, 1).float(), dim=1)
-    votes = train_labels.flatten().float()
+    positive = train_labels.flatten()
+    share = float(positive.float().mean())
+    if share in (0.0, 1.0):  # one class only: nothing to tell apart
+        return float("nan")
+    votes = torch.where(positive, 1.0 / share, -1.0 / (1.0 - share))
     queries = F.normalize(test_tokens.flatten(0, 1).float(), dim=1)
     predicted = []
     for chunk in queries.split(2048):
         nearest = (chunk @ keys.T).topk(min(k, len(keys)), dim=1).indices
-        predicted.append(votes[nearest].mean(dim=1) > 0.5)
+        predicted.append(votes[nearest].sum(dim=1) > 0)
     pred = torch.cat(predicted)
     truth = test_labels.flatten()
     total = int(pred.sum() + truth.sum())

@@ -47,3 +47,22 @@ def test_patch_probe_separates_tokens_that_carry_the_label() -> None:
     assert patch_probe_dice(tokens[:2], labels[:2], tokens[2:], labels[2:], k=3) == 1.0
     noise = torch.randn(4, 16, 32, generator=gen)
     assert patch_probe_dice(noise[:2], labels[:2], noise[2:], labels[2:], k=3) < 0.9
+
+
+def test_patch_probe_finds_a_rare_structure_a_majority_vote_would_miss() -> None:
+    # Prepare: the structure covers 1 patch in 25 (as the blood pool does at 8 px); its tokens
+    # point one way, the background's another, and two background patches per fitted frame
+    # (partial-volume borders) look like the structure, so they outnumber it near its tokens
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.zeros(8, 25, dtype=torch.bool)
+    labels[:, 12] = True
+    structure, background = torch.randn(16, generator=gen) * 3, torch.randn(16, generator=gen) * 3
+    tokens = background + torch.randn(8, 25, 16, generator=gen) * 0.3
+    tokens[labels] = structure + torch.randn(8, 16, generator=gen) * 0.3
+    tokens[:4, :2] = structure + torch.randn(4, 2, 16, generator=gen) * 0.3
+    # Execute: among the 10 nearest fitted patches of a structure patch, 4 are structure and 6
+    # background, so a plain majority vote calls it background (Dice 0)
+    dice = patch_probe_dice(tokens[:4], labels[:4], tokens[4:], labels[4:], k=10)
+    # Check: the balanced vote finds it; one class only has nothing to tell apart
+    assert dice == 1.0
+    assert math.isnan(patch_probe_dice(tokens[:4], torch.zeros(4, 25, dtype=torch.bool), tokens[4:], labels[4:]))
