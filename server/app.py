@@ -29,7 +29,13 @@ from server.release import write_release
 from server.run_status import Outcome, RunStatus, write_outcome
 from server.state import ServerState, load_state, save_state
 from server.strategy import BudgetExceeded, PhaseInfo, PhaseStrategy, RunPaused
-from server.workflows import Workflow, current_round, timed_evaluate_workflow, timed_fit_workflow
+from server.workflows import (
+    BoundedClientManager,
+    Workflow,
+    current_round,
+    timed_evaluate_workflow,
+    timed_fit_workflow,
+)
 from shared_model.config import (
     ConfigError,
     FedCMRConfig,
@@ -195,7 +201,8 @@ def run_phase(grid: Grid, context: Context, run_cfg: FedCMRConfig, spec: PhaseSp
     strategy = PhaseStrategy(cfg, phase, inner, initial, ledger, on_round, metrics.add,
                              evaluate_each_round=True)
     remaining = phase.rounds - phase.done_before
-    legacy = LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy,
+                           client_manager=BoundedClientManager(cfg.federation.site_wait_s))
     if remaining > 0:
         build_workflow(cfg, strategy)(grid, legacy)
     if strategy.halt is not None:

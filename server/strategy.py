@@ -70,6 +70,11 @@ class RunPaused(RuntimeError):
     """The run stopped after ``output.stop_after_round``; the checkpoint is written."""
 
 
+class TooFewSites(RunPaused):
+    """Fewer than ``federation.min_sites`` nodes were connected within ``site_wait_s``: the
+    round is recorded as halted, the model stays, and the run pauses (resumable)."""
+
+
 @dataclass(frozen=True)
 class PhaseInfo:
     """Where a phase sits in the run: its name, task, length, and what came before it."""
@@ -140,6 +145,9 @@ class PhaseStrategy(Strategy):
             return []
         self._started = time.perf_counter()
         instructions = self.inner.configure_fit(self._phase_round(server_round), parameters, client_manager)
+        if not instructions:  # the client manager's wait for min_sites ran out
+            self._too_few_sites(server_round, client_manager)
+            return []
         extra = self._round_config(server_round)
         if self.cfg.privacy.mode == PrivacyMode.user:
             extra[KEY_CLIPPING_NORM] = float(self.cfg.privacy.update_clip_norm)
@@ -185,6 +193,18 @@ class PhaseStrategy(Strategy):
         self._record(server_round, [], {"secagg": "halted: too few sites finished the round"}, {},
                      RoundStatus.halted)
         self.halt = self.on_round(self._global_round(server_round), self.current)
+
+    def _too_few_sites(self, server_round: int, client_manager: ClientManager) -> None:
+        fed = self.cfg.federation
+        connected = client_manager.num_available()
+        why = (f"{connected} of the {fed.min_sites} sites a round needs were connected within "
+               f"federation.site_wait_s={fed.site_wait_s:g} s")
+        log.warning("round %d: %s; global model unchanged", self._global_round(server_round), why)
+        self._record(server_round, [], {"sites": why}, {}, RoundStatus.halted)
+        self.on_round(self._global_round(server_round), self.current)
+        self.halt = TooFewSites(f"round {self._global_round(server_round)} halted: {why}; the "
+                                "checkpoint is kept: start the missing nodes and continue with "
+                                "output.resume=true")
 
     def _skip(self, server_round: int, valid: list[tuple[ClientProxy, FitRes]],
               excluded: dict[str, str]) -> tuple[None, dict[str, Scalar]]:

@@ -18,6 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters
 from flwr.server import LegacyContext
+from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
@@ -38,6 +39,19 @@ def _current(context: LegacyContext) -> tuple[int, Parameters]:
 def current_round(context: Context) -> int:
     """The round the DefaultWorkflow is in (1-based, within the phase)."""
     return _current(cast(LegacyContext, context))[0]
+
+
+class BoundedClientManager(SimpleClientManager):
+    """Flower's client manager with the wait for enough connected nodes bounded by
+    ``wait_s`` (Flower's default waits 24 h, so a federation missing a node would hang for a
+    day); after it, sampling returns no sites and the strategy halts the round."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__()
+        self.wait_s = wait_s
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        return super().wait_for(num_clients, timeout=min(timeout, self.wait_s))  # type: ignore[arg-type]
 
 
 def send_and_collect(grid: Grid, instructions: Sequence[tuple[ClientProxy, Ins]], message_type: str,

@@ -246,6 +246,10 @@ class FederationConfig:
     heads: HeadSharing = HeadSharing.aggregated  # task heads in fine-tuning
     ssl_head: HeadSharing = HeadSharing.aggregated  # the SSL head (MAE decoder, DINO head)
     round_timeout_s: float = 600.0
+    # How long a round waits for min_sites nodes to be connected (Flower's own wait is 24 h);
+    # fewer by then: the round is recorded as halted, the model stays and the run pauses,
+    # to be resumed (output.resume=true) once the nodes are back.
+    site_wait_s: float = 600.0
     # Update validation: without SecAgg+ a site's update is excluded when the L2 norm of (its
     # weights - the global weights) exceeds this, or its example count is out of range; under
     # SecAgg+ each node clips its update to this norm before masking.
@@ -489,6 +493,7 @@ def validate_config(cfg: FedCMRConfig) -> None:
     _require(cfg.federation.rounds >= 1, "federation.rounds", "must be >= 1")
     _require(cfg.federation.min_sites is None or cfg.federation.min_sites >= 1,
              "federation.min_sites", "must be >= 1")
+    _require(cfg.federation.site_wait_s > 0, "federation.site_wait_s", "must be > 0 seconds")
     _require(0 < cfg.federation.fraction_fit <= 1, "federation.fraction_fit", "must lie in (0, 1]")
     _require(cfg.data.spacing_mm > 0, "data.spacing_mm", "must be > 0")
     _require(cfg.data.crop_px >= 16, "data.crop_px", "must be >= 16")

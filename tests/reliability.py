@@ -39,7 +39,8 @@ CHECKS = (
     Check(10, "Privacy accounting",
           "epsilon at the node after a resume; BatchNorm refused for DP; two runs, different noise"),
     Check(11, "Node killed and straggler",
-          "a node process killed mid-round; below min_sites fails the round in bounded time"),
+          "a node process killed mid-round (a silent node and too few connected sites are tested "
+          "on the round's steps)"),
     Check(12, "Server crash"),
     Check(13, "Unsafe deserialisation"),
     Check(14, "Message size", "all: no message-size limit is configured yet"),

@@ -434,3 +434,33 @@ def test_a_secagg_aggregate_is_decoded_onto_the_global_model_or_refused() -> Non
     assert len(instructions) == 3
     assert all(ins.config[UPDATE_SCALE_KEY] == scale and ins.config[UPDATE_NORM_KEY] == 10.0
                for _, ins in instructions)
+
+
+@pytest.mark.reliability(11)
+def test_too_few_sites_halt_the_round_in_bounded_time_and_keep_the_model() -> None:
+    # Prepare: a round that needs 3 sites, 2 connected, a 0.2 s wait (Flower's own: 24 h)
+    import time
+
+    from server.strategy import TooFewSites
+    from server.workflows import BoundedClientManager
+
+    records: list = []
+    strategy, rounds = _strategy(records, ["federation.site_wait_s=0.2"])
+    manager = BoundedClientManager(strategy.cfg.federation.site_wait_s)
+    for node in (1, 2):
+        manager.register(_Proxy(node))
+    # Execute
+    started = time.monotonic()
+    instructions = strategy.configure_fit(1, ndarrays_to_parameters(GLOBAL), manager)
+    waited = time.monotonic() - started
+    # Check: no instructions after the bounded wait (not a day), the round recorded as halted
+    # with the reason, checkpointed, the model unchanged and the run paused (resumable)
+    assert instructions == [] and waited < 60
+    assert records[-1].status == RoundStatus.halted and "2 of the 3 sites" in records[-1].excluded["sites"]
+    assert rounds == [1]
+    assert all(np.array_equal(a, b) for a, b in zip(strategy.current, GLOBAL, strict=True))
+    assert isinstance(strategy.halt, TooFewSites) and "output.resume=true" in str(strategy.halt)
+    # a third node in time: the next run of the round has all three
+    manager.register(_Proxy(3))
+    strategy.halt = None
+    assert len(strategy.configure_fit(2, ndarrays_to_parameters(GLOBAL), manager)) == 3
