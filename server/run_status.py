@@ -20,7 +20,9 @@ STATUS_FILE = "status.json"
 class RunStatus(StrEnum):
     released = "released"  # every phase ran and release/ was written
     finished = "finished"  # every phase ran; the plan asked for no release
-    paused = "paused"  # stopped after output.stop_after_round; continue with output.resume=true
+    # stopped after output.stop_after_round, or a round found too few sites connected
+    # (federation.site_wait_s); continue with output.resume=true
+    paused = "paused"
     stopped = "stopped"  # the next round would exceed the privacy budget; nothing released
 
 
