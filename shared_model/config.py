@@ -193,7 +193,13 @@ class TasksConfig:
     lr: float = 1.0e-3  # head learning rate; encoder block i gets lr * layer_decay**(depth - i)
     layer_decay: float = 0.75
     weight_decay: float = 0.01
-    frozen_fraction: float = 0.3  # share of steps with a frozen encoder (frozen_then_unfrozen)
+    # share of the session (steps, or the time budget) with a frozen encoder
+    # (frozen_then_unfrozen)
+    frozen_fraction: float = 0.3
+    # segmentation: share of each batch drawn to hold a foreground class, classes picked
+    # uniformly (nnU-Net's foreground oversampling, 1/3), so a class few frames draw is seen in
+    # every batch; 0: plain shuffled epochs. DP-SGD keeps its Poisson sampling.
+    foreground_fraction: float = 0.33
     augment: bool = True
     decoder_width: int = 16  # segmentation/landmark decoder channels at full resolution
     label_budget: int = 0  # labelled subjects per site used for training (0: all)

@@ -68,12 +68,44 @@ class BatchSampler:
         return batch
 
 
-class TensorBatches:
-    """Batches drawn from in-memory tensors that share their first dimension."""
+class ForegroundBatchSampler(BatchSampler):
+    """Shuffled epochs, with a share of every batch forced to hold a foreground class.
 
-    def __init__(self, tensors: Sequence[torch.Tensor], batch_size: int, gen: torch.Generator) -> None:
+    As nnU-Net oversamples foreground: the last ``round(fraction * batch_size)`` items of a
+    batch are drawn by picking one of ``groups`` uniformly (a class: the indices of the items
+    that hold it) and then an item of it uniformly, so a class that few frames show (the
+    myocardium of two cine studies among blood-pool-only patients) is in every batch. The rest
+    of the batch walks the shuffled epoch. Every draw comes from ``gen``, so a resumed session
+    draws the same batches.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, gen: torch.Generator,
+                 groups: Sequence[torch.Tensor], fraction: float) -> None:
+        super().__init__(num_items, batch_size, gen)
+        self.groups = [g.long() for g in groups if g.numel() > 0]
+        self.forced = round(fraction * self.batch_size) if self.groups else 0
+        self.batch_size -= self.forced
+
+    def next(self) -> torch.Tensor:
+        uniform = super().next()
+        if not self.forced:
+            return uniform
+        picks = torch.randint(len(self.groups), (self.forced,), generator=self.gen).tolist()
+        forced = [self.groups[g][int(torch.randint(self.groups[g].numel(), (1,), generator=self.gen))]
+                  for g in picks]
+        return torch.cat([uniform, torch.stack(forced)])
+
+
+class TensorBatches:
+    """Batches drawn from in-memory tensors that share their first dimension (with
+    ``groups``, a ``foreground_fraction`` of each batch drawn from them: ForegroundBatchSampler)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], batch_size: int, gen: torch.Generator,
+                 groups: Sequence[torch.Tensor] = (), foreground_fraction: float = 0.0) -> None:
         self.tensors = list(tensors)
-        self.sampler = BatchSampler(int(self.tensors[0].shape[0]), batch_size, gen)
+        items = int(self.tensors[0].shape[0])
+        self.sampler = (ForegroundBatchSampler(items, batch_size, gen, groups, foreground_fraction)
+                        if groups and foreground_fraction > 0 else BatchSampler(items, batch_size, gen))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
@@ -179,7 +211,7 @@ StepFn = Callable[[tuple[torch.Tensor, ...], float], tuple[torch.Tensor, dict[st
 def run_steps(model: torch.nn.Module, batches: TensorBatches | LoaderBatches, step_fn: StepFn, *,
               optimizer: torch.optim.Optimizer, steps: int, base_lr: float, device: torch.device,
               gen: torch.Generator, span: Span = Span(), accumulate: int = 1,
-              before_step: Callable[[int], None] | None = None,
+              before_step: Callable[[int, float], None] | None = None,
               after_step: Callable[[int, float], None] | None = None,
               checkpoint: CheckpointPolicy | None = None,
               dp_history: Callable[[], list[list[float]]] | None = None,
@@ -207,7 +239,7 @@ def run_steps(model: torch.nn.Module, batches: TensorBatches | LoaderBatches, st
         progress = span.at(step, steps) if max_seconds is None else span.at(
             clock.fraction(step, steps), 1)
         if before_step is not None:
-            before_step(step)
+            before_step(step, progress)
         set_learning_rate(optimizer, learning_rate(base_lr, progress))
         optimizer.zero_grad(set_to_none=True)
         for _ in range(accumulate):

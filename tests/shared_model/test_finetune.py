@@ -166,3 +166,43 @@ def test_dp_noise_is_unpredictable_unless_a_simulation_asks_for_reproducible_noi
     assert not torch.equal(weights_after(secure), weights_after(secure))  # same plan seed
     seeded = DPSettings(1.0, 1.0, 1e-5, reproducible_noise=True)
     assert torch.equal(weights_after(seeded), weights_after(seeded))
+
+
+def test_unfreezing_follows_a_time_budget_not_only_steps(sax_data, monkeypatch) -> None:
+    # Prepare: a session bounded by time (steps far out of reach) whose clock reads 1/4 of the
+    # budget more at every step and runs out after 4 steps
+    import shared_model.train as train_module
+
+    ticks = {"n": 0}
+
+    def fraction(self, step: int, steps: int) -> float:
+        return min(1.0, step / 4)
+
+    def expired(self) -> bool:
+        ticks["n"] += 1
+        return ticks["n"] > 4
+
+    monkeypatch.setattr(train_module.SessionClock, "fraction", fraction)
+    monkeypatch.setattr(train_module.SessionClock, "expired", expired)
+    model = _model()
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    settings = _settings(mode=FinetuneMode.frozen_then_unfrozen, steps=10**6, max_seconds=100.0,
+                         frozen_fraction=0.5)
+    # Run
+    result = finetune(model, get_task("sax_seg"), sax_data, settings, gen=make_generator(0), device=CPU)
+    # Check: the encoder trained in the second half of the budget (it stayed frozen before
+    # when the switch counted steps of a budget it never reached)
+    assert result.local.steps == 4
+    assert any(not torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+
+
+def test_foreground_groups_name_the_frames_that_hold_each_class(sax_data) -> None:
+    from shared_model.finetune import foreground_groups
+
+    task = get_task("sax_seg")
+    groups = foreground_groups(task, sax_data)
+    assert len(groups) == task.num_outputs - 1
+    for label, group in enumerate(groups, start=1):
+        holds = (sax_data.targets == label).flatten(1).any(1)
+        assert torch.equal(group, torch.nonzero(holds).flatten())
+    assert foreground_groups(get_task("view"), sax_data) == []
