@@ -41,7 +41,15 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from server.aggregators import set_current
 from server.ledger import LedgerEntry, PrivacyLedger
 from server.metrics import RecordKind, RoundRecord, RoundStatus
-from server.validation import UpdateBounds, capped_examples, norm_outliers, update_norm, update_problem
+from server.validation import (
+    UpdateBounds,
+    capped_examples,
+    norm_outliers,
+    size_limit_bytes,
+    size_problem,
+    update_norm,
+    update_problem,
+)
 from shared_model.config import FedCMRConfig, PrivacyMode, config_to_yaml, secagg_enabled
 from shared_model.wire import (
     PHASE_KEY,
@@ -250,8 +258,14 @@ class PhaseStrategy(Strategy):
                    excluded: dict[str, str]) -> list[tuple[ClientProxy, FitRes]]:
         passed: list[tuple[str, ClientProxy, FitRes]] = []
         norms: dict[str, float] = {}  # keyed by reply, not by the name a site reports
+        limit = size_limit_bytes(self.cfg.federation.max_update_mb, self.current)
         for proxy, res in results:
             name = site_name(proxy, res.metrics)
+            problem = size_problem(res.parameters.tensors, limit)
+            if problem is not None:  # never decoded
+                log.warning("excluding the update of %s: %s", name, problem)
+                excluded[name] = problem
+                continue
             arrays = parameters_to_ndarrays(res.parameters)
             problem = update_problem(arrays, res.num_examples, self.current, self.bounds)
             if problem is None:

@@ -35,6 +35,26 @@ class UpdateBounds:
     examples_ratio: float = 2.0  # 0: no cap relative to the round's median claim
 
 
+MB = 1024 * 1024
+
+
+def size_limit_bytes(max_update_mb: float | None, global_arrays: Sequence[np.ndarray]) -> int:
+    """The largest reply accepted: ``max_update_mb``, or the global model's size + 10 % + 1 MB
+    (room for the serialisation's headers)."""
+    if max_update_mb is not None:
+        return int(max_update_mb * MB)
+    return int(1.1 * sum(a.nbytes for a in global_arrays)) + MB
+
+
+def size_problem(tensors: Sequence[bytes], limit: int) -> str | None:
+    """A reply's serialised weights over ``limit`` bytes, checked before anything is decoded."""
+    size = sum(len(t) for t in tensors)
+    if size > limit:
+        return (f"update of {size / MB:.1f} MB exceeds the limit of {limit / MB:.1f} MB "
+                "(federation.max_update_mb)")
+    return None
+
+
 def update_problem(arrays: Sequence[np.ndarray], num_examples: int,
                    global_arrays: Sequence[np.ndarray], bounds: UpdateBounds) -> str | None:
     """Why this reply must not be aggregated, or None when it is fine."""

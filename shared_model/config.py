@@ -198,7 +198,7 @@ class TasksConfig:
     frozen_fraction: float = 0.3
     # segmentation: share of each batch drawn to hold a foreground class, classes picked
     # uniformly (nnU-Net's foreground oversampling, 1/3), so a class few frames draw is seen in
-    # every batch; 0: plain shuffled epochs. DP-SGD keeps its Poisson sampling.
+    # nearly every batch; 0: plain shuffled epochs. DP-SGD keeps its Poisson sampling.
     foreground_fraction: float = 0.33
     augment: bool = True
     decoder_width: int = 16  # segmentation/landmark decoder channels at full resolution
@@ -267,6 +267,10 @@ class FederationConfig:
     max_update_norm_ratio: float = 3.0
     # ... and a site's example count counts as at most this x the median claim (0: off).
     max_examples_ratio: float = 2.0
+    # A reply's weights larger than this many MB are refused before they are decoded (the
+    # round goes on with the other sites); None: the global model's size + 10 % + 1 MB (an
+    # honest reply is the model's size). Flower's own gRPC limit is 2 GB.
+    max_update_mb: Optional[float] = None
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
@@ -565,6 +569,8 @@ def validate_config(cfg: FedCMRConfig) -> None:
     _require(fed.max_update_norm > 0, "federation.max_update_norm", "must be > 0")
     _require(fed.max_update_norm_ratio == 0 or fed.max_update_norm_ratio >= 1,
              "federation.max_update_norm_ratio", "must be 0 (off) or >= 1")
+    _require(fed.max_update_mb is None or fed.max_update_mb > 0, "federation.max_update_mb",
+             "must be > 0 MB (or null: the model's size + 10 %)")
     _require(fed.max_examples_ratio == 0 or fed.max_examples_ratio >= 1,
              "federation.max_examples_ratio", "must be 0 (off) or >= 1")
     _require(1 <= fed.min_examples <= fed.max_examples, "federation.min_examples",

@@ -464,3 +464,33 @@ def test_too_few_sites_halt_the_round_in_bounded_time_and_keep_the_model() -> No
     manager.register(_Proxy(3))
     strategy.halt = None
     assert len(strategy.configure_fit(2, ndarrays_to_parameters(GLOBAL), manager)) == 3
+
+
+@pytest.mark.reliability(14)
+def test_an_oversized_update_is_refused_undecoded_and_the_round_goes_on(monkeypatch) -> None:
+    # Prepare: 3 honest sites and one whose reply carries an extra 8 MB array
+    import server.strategy as strategy_module
+    from server.validation import size_limit_bytes
+
+    records: list = []
+    strategy, rounds = _strategy(records)
+    good = [np.full((4, 3), 0.5, np.float32), np.ones(5, np.float32)]
+    huge = [*good, np.zeros(2 * 1024 * 1024, np.float32)]
+    replies = [(_Proxy(i), _fit_res(good, i)) for i in range(3)] + [(_Proxy(3), _fit_res(huge, 3))]
+    decoded: list[int] = []
+    real = strategy_module.parameters_to_ndarrays
+
+    def counting(parameters):
+        decoded.append(sum(len(t) for t in parameters.tensors))
+        return real(parameters)
+
+    monkeypatch.setattr(strategy_module, "parameters_to_ndarrays", counting)
+    # Execute
+    params, _ = strategy.aggregate_fit(1, replies, [])
+    # Check: the big reply is excluded by size before any decoding, the others aggregate
+    assert "exceeds the limit" in records[-1].excluded["site-3"]
+    assert max(decoded) < size_limit_bytes(None, GLOBAL)
+    assert records[-1].status == RoundStatus.aggregated and rounds == [1]
+    assert np.allclose(parameters_to_ndarrays(params)[0], 0.5)
+    # an explicit limit in MB
+    assert size_limit_bytes(2.0, GLOBAL) == 2 * 1024 * 1024
