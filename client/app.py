@@ -7,6 +7,9 @@ node's own settings (Flower ``node_config``), never the server's.
 
 Mods, outermost first:
 
+- ``audit``: the node's append-only audit log (``client.audit``): one JSON line per reply, with
+  what it carries (array names, shapes, bytes; metric names and values), written before it
+  leaves; a reply that cannot be logged is withheld.
 0. ``redact_errors``: an exception leaves the node as its type only (plus the fixed-form message
    of the node's own refusals: policy, settings, privacy), never free text that
    could carry a path or a header value; the traceback stays in the node's own log.
@@ -24,6 +27,7 @@ Mods, outermost first:
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from typing import cast
@@ -46,18 +50,31 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client.audit import AUDIT_FILE, audit_mod
 from client.federated import FedCMRClient
-from client.node_settings import NodeConfigError, NodePolicy, NodeSettings, node_settings_from_context
-from shared_model.errors import UserError
+from client.node_settings import (
+    NodeConfigError,
+    NodePolicy,
+    NodePolicyError,
+    NodeSettings,
+    node_settings_from_context,
+)
+from shared_model.masks import sha256_ctr_masks
 from shared_model.privacy import PrivacyError
 from shared_model.wire import UPDATE_NORM_KEY, UPDATE_SCALE_KEY, encode_update
 
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 log = logging.getLogger(__name__)
+SECAGG_MOD_MODULE = "flwr.client.mod.secure_aggregation.secaggplus_mod"
 
 
-class NodePolicyError(UserError, PermissionError):
-    """The server asked for something this node's policy does not allow."""
+def use_whole_seed_masks() -> None:
+    """This node's SecAgg+ masks come from the whole 32-byte seed (``shared_model.masks``),
+    not Flower's 32-bit fold of it; the ServerApp installs the same generator."""
+    importlib.import_module(SECAGG_MOD_MODULE).pseudo_rand_gen = sha256_ctr_masks
+
+
+use_whole_seed_masks()
 
 
 # Refusals whose messages are composed from numbers and setting names only: they may leave.
@@ -176,13 +193,15 @@ def build_client_app(settings_fn: Callable[[Context], NodeSettings] = node_setti
         settings = settings_fn(context)
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
-        return FedCMRClient(settings.store, settings.device, settings.site_index, context).to_client()
+        return FedCMRClient(settings.store, settings.device, settings.site_index, context,
+                            settings.policy).to_client()
 
     def guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         return node_guard(settings_fn(context).policy)(msg, context, call_next)
 
-    mods = [redact_errors, *(extra_mods or []), guard, secure_aggregation, secagg_update_encoding,
-            update_clipping]
+    audit = audit_mod(lambda context: settings_fn(context).node_state / AUDIT_FILE)
+    mods = [audit, redact_errors, *(extra_mods or []), guard, secure_aggregation,
+            secagg_update_encoding, update_clipping]
     return ClientApp(client_fn=client_fn, mods=mods)
 
 

@@ -235,14 +235,27 @@ def join(
     max_wait: Annotated[Optional[float], typer.Option(
         help="Give up after this many seconds without the SuperLink (default: keep trying)",
         min=1)] = None,
+    require_secagg: Annotated[bool, typer.Option(
+        help="Train only in SecAgg+ rounds (refuse plaintext rounds)")] = False,
+    min_secagg_threshold: Annotated[int, typer.Option(
+        help="Refuse SecAgg+ rounds with a lower reconstruction threshold", min=2)] = 2,
+    min_secagg_shares: Annotated[int, typer.Option(
+        help="Refuse SecAgg+ rounds with fewer shares", min=2)] = 2,
+    min_noise_multiplier: Annotated[float, typer.Option(
+        help="> 0: train only plans with DP-SGD noise this node adds itself "
+             "(privacy.mode=sample) of at least this multiplier", min=0.0)] = 0.0,
 ) -> None:
     """Join the federation: run the stock flower-supernode with TLS, this node's key and its
     store, in the foreground until stopped (Ctrl-C / SIGTERM)."""
     from client.deployment import JoinSettings, run_supernode
+    from client.node_settings import NodePolicy
 
+    policy = NodePolicy(min_secagg_threshold=min_secagg_threshold, min_secagg_shares=min_secagg_shares,
+                        require_secagg=require_secagg, min_noise_multiplier=min_noise_multiplier)
     with user_errors():
         status = run_supernode(JoinSettings(server=server, ca_cert=ca, key=key, store=store, device=device,
-                                            site_index=site_index, runtime_port=runtime_port, max_wait_s=max_wait))
+                                            site_index=site_index, runtime_port=runtime_port, max_wait_s=max_wait,
+                                            policy=policy))
     raise typer.Exit(status)
 
 

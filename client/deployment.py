@@ -26,6 +26,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from client.node_settings import NodePolicy
 from client.store import LocalStore
 from shared_model.errors import UserError
 from shared_model.files import write_public, write_secret
@@ -101,14 +102,21 @@ class JoinSettings:
     site_index: int = 0  # this site's number in the consortium (names it in the server's records)
     runtime_port: int = DEFAULT_RUNTIME_PORT
     max_wait_s: float | None = None  # give up reconnecting after this long (None: never)
+    policy: NodePolicy = NodePolicy()  # what this node accepts from the server
 
 
 def node_config(settings: JoinSettings) -> str:
-    """``--node-config`` for the ClientApp: the store's absolute path, the device, the site index."""
+    """``--node-config`` for the ClientApp: the store's absolute path, the device, the site
+    index and the node's policy."""
     store = str(settings.store.resolve())
     if "'" in store:
         raise NodeDeploymentError(f"the store path {store} contains a quote; move the store")
-    return f"store='{store}' device='{settings.device}' site-index={settings.site_index}"
+    policy = settings.policy
+    return (f"store='{store}' device='{settings.device}' site-index={settings.site_index} "
+            f"min-secagg-threshold={policy.min_secagg_threshold} "
+            f"min-secagg-shares={policy.min_secagg_shares} "
+            f"require-secagg='{str(policy.require_secagg).lower()}' "
+            f"min-noise-multiplier={float(policy.min_noise_multiplier)}")
 
 
 def supernode_command(settings: JoinSettings) -> list[str]:

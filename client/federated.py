@@ -20,6 +20,7 @@ from flwr.common import Scalar
 
 from client.finetune import held_out, series_from_store, task_series
 from client.store import LocalStore
+from client.node_settings import NodePolicy, check_privacy_plan
 from shared_model.config import (
     FedCMRConfig,
     HeadSharing,
@@ -145,8 +146,10 @@ def blood_pool_probe(encoder: Encoder, store: LocalStore, plan: FedCMRConfig) ->
 class FedCMRClient(NumPyClient):
     """One node, one message: dispatch on the phase the server names."""
 
-    def __init__(self, store: Path, device: str, site_index: int, context: Context) -> None:
+    def __init__(self, store: Path, device: str, site_index: int, context: Context,
+                 policy: NodePolicy = NodePolicy()) -> None:
         self.store_path = store
+        self.policy = policy
         # "cuda:0,cuda:1": local pretraining runs data-parallel over those devices (torch DDP)
         self.devices = [d.strip() for d in device.split(",") if d.strip()] or ["auto"]
         self.device = resolve_device(self.devices[0])
@@ -161,6 +164,7 @@ class FedCMRClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]
             ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         plan = plan_from_config(config)
+        check_privacy_plan(plan.privacy.mode.value, plan.privacy.noise_multiplier, self.policy)
         span = Span(float(config.get(SPAN_START_KEY, 0.0)), float(config.get(SPAN_END_KEY, 1.0)))
         gen = make_generator(plan.seed, "site", self.site_index, "round", int(config.get(ROUND_KEY, 0)))
         mu = float(config.get("proximal_mu", 0.0))

@@ -31,6 +31,28 @@ class NodePolicy:
     min_secagg_threshold: int = 2  # [min-secagg-threshold]
     min_secagg_shares: int = 2  # [min-secagg-shares]
     require_secagg: bool = False  # [require-secagg]
+    # [min-noise-multiplier] > 0: this node trains only with DP-SGD noise it adds itself
+    # (privacy.mode=sample) of at least this multiplier; any other plan is refused
+    min_noise_multiplier: float = 0.0
+
+
+class NodePolicyError(UserError, PermissionError):
+    """The server asked for something this node's policy does not allow."""
+
+
+def check_privacy_plan(mode: str, noise_multiplier: float, policy: NodePolicy) -> None:
+    """Refuse a plan whose DP noise is below what this node requires (``mode``: the plan's
+    privacy.mode)."""
+    if policy.min_noise_multiplier <= 0:
+        return
+    if mode != "sample":
+        raise NodePolicyError(
+            f"this node trains only with DP-SGD noise of at least {policy.min_noise_multiplier:g} "
+            f"(min-noise-multiplier); the plan's privacy.mode is '{mode}'")
+    if noise_multiplier < policy.min_noise_multiplier:
+        raise NodePolicyError(
+            f"the plan's noise multiplier {noise_multiplier:g} is below this node's minimum "
+            f"{policy.min_noise_multiplier:g} (min-noise-multiplier)")
 
 
 @dataclass(frozen=True)
@@ -42,6 +64,12 @@ class NodeSettings:
     site_index: int = 0
     policy: NodePolicy = NodePolicy()
     threads: int = 0  # CPU threads for torch (0: torch's default, all cores)
+    state_dir: Path | None = None  # [state-dir] the node's own records; None: <store>/node-state
+
+    @property
+    def node_state(self) -> Path:
+        """Where the node keeps its own records (the audit log)."""
+        return self.state_dir if self.state_dir is not None else self.store / "node-state"
 
 
 def simulated_site_name(index: int) -> str:
@@ -68,10 +96,19 @@ def _int_setting(node: Mapping[str, object], key: str, default: int) -> int:
         raise NodeConfigError(f"node_config '{key}' must be an integer, got {value!r}") from None
 
 
+def _float_setting(node: Mapping[str, object], key: str, default: float) -> float:
+    value = node.get(key, default)
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise NodeConfigError(f"node_config '{key}' must be a number, got {value!r}") from None
+
+
 def _policy(node: Mapping[str, object]) -> NodePolicy:
     return NodePolicy(min_secagg_threshold=_int_setting(node, "min-secagg-threshold", 2),
                       min_secagg_shares=_int_setting(node, "min-secagg-shares", 2),
-                      require_secagg=str(node.get("require-secagg", "false")).lower() in ("1", "true"))
+                      require_secagg=str(node.get("require-secagg", "false")).lower() in ("1", "true"),
+                      min_noise_multiplier=_float_setting(node, "min-noise-multiplier", 0.0))
 
 
 def node_settings_from_context(context: Context) -> NodeSettings:
@@ -84,7 +121,8 @@ def node_settings_from_context(context: Context) -> NodeSettings:
     if "store" in node:
         return NodeSettings(store=Path(str(node["store"])), device=str(node.get("device", "auto")),
                             site_index=_int_setting(node, "site-index", 0), policy=_policy(node),
-                            threads=_int_setting(node, "threads", 0))
+                            threads=_int_setting(node, "threads", 0),
+                            state_dir=Path(str(node["state-dir"])) if "state-dir" in node else None)
     if "partition-id" in node and "sim-root" in context.run_config:
         return simulated_node_settings(Path(str(context.run_config["sim-root"])),
                                        _int_setting(node, "partition-id", 0), policy=_policy(node))

@@ -10,6 +10,7 @@ resumes from it with ``output.resume=true``. At the end it writes the release bu
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from shared_model.config import (
     secagg_enabled,
     with_overrides,
 )
+from shared_model.masks import sha256_ctr_masks
 from shared_model.phase_models import initial_ssl_model, initial_task_model, task_keys
 from shared_model.bundle import start_from_decoder
 from shared_model.ssl import federated_keys
@@ -82,6 +84,17 @@ class PhaseSpec:
     overrides: tuple[str, ...] = ()
     init_encoder: str = ""  # a safetensors file of encoder weights; "" = the run's foundation
 
+
+SECAGG_WORKFLOW_MODULE = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+
+
+def use_whole_seed_masks() -> None:
+    """The server removes SecAgg+ masks made from the whole seed (``shared_model.masks``), as
+    FedCMR's nodes make them, not from Flower's 32-bit fold of it."""
+    importlib.import_module(SECAGG_WORKFLOW_MODULE).pseudo_rand_gen = sha256_ctr_masks
+
+
+use_whole_seed_masks()
 
 def plan_phases(cfg: FedCMRConfig) -> list[PhaseSpec]:
     """The default plan: pretraining, then one fine-tuning phase per task in tasks.names."""

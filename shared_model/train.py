@@ -74,8 +74,8 @@ class ForegroundBatchSampler(BatchSampler):
     As nnU-Net oversamples foreground: the last ``round(fraction * batch_size)`` items of a
     batch are drawn by picking one of ``groups`` uniformly (a class: the indices of the items
     that hold it) and then an item of it uniformly, so a class that few frames show (the
-    myocardium of two cine studies among blood-pool-only patients) is in every batch. The rest
-    of the batch walks the shuffled epoch. Every draw comes from ``gen``, so a resumed session
+    myocardium of two cine studies among blood-pool-only patients) is in nearly every batch.
+    The rest of the batch walks the shuffled epoch. Every draw comes from ``gen``, so a resumed session
     draws the same batches.
     """
 

@@ -34,8 +34,7 @@ CHECKS = (
     Check(6, "Byzantine norms"),
     Check(7, "SecAgg+ exactness", "a full-cpu scenario with no halted SecAgg+ round"),
     Check(8, "SecAgg+ drop-outs"),
-    Check(9, "Malicious-server probes at the node",
-          "a noise multiplier below the node's minimum (the node has no such policy yet)"),
+    Check(9, "Malicious-server probes at the node"),
     Check(10, "Privacy accounting",
           "epsilon at the node after a resume; BatchNorm refused for DP; two runs, different noise"),
     Check(11, "Node killed and straggler",
@@ -43,7 +42,9 @@ CHECKS = (
           "on the round's steps)"),
     Check(12, "Server crash"),
     Check(13, "Unsafe deserialisation"),
-    Check(14, "Message size", "all: no message-size limit is configured yet"),
+    Check(14, "Message size",
+          "the transport: Flower 1.42's SuperLink takes gRPC messages up to 2 GB and stores them "
+          "before the server app sees them; SecAgg+'s masked vectors are sized by Flower"),
     Check(15, "DICOM fuzzing",
           ">= 1,000 seeded mutations of real files (bit flips, huge lengths, 300-deep sequences, "
           "MONOCHROME1 at the size limit) within a time and memory bound"),

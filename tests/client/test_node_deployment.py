@@ -85,6 +85,17 @@ def test_the_supernode_runs_with_tls_its_key_and_the_store_in_node_config(node: 
     settings = node_settings_from_context(context)  # type: ignore[arg-type]
     assert (settings.store, settings.device, settings.site_index) == (node.store.resolve(), "cuda:1", 3)
 
+    # the node's policy travels the same way
+    from client.node_settings import NodePolicy
+
+    strict = NodePolicy(min_secagg_threshold=3, min_secagg_shares=4, require_secagg=True,
+                        min_noise_multiplier=1.5)
+    strict_command = supernode_command(JoinSettings(**{**node.__dict__, "policy": strict}))
+    strict_flags = dict(zip(strict_command[1::2], strict_command[2::2]))
+    context = SimpleNamespace(node_config=parse_config_args([strict_flags["--node-config"]]), run_config={})
+    assert node_settings_from_context(context).policy == strict  # type: ignore[arg-type]
+    assert settings.policy == NodePolicy()
+
 
 @pytest.mark.parametrize("change, error, fragment", [
     ({"server": "127.0.0.1"}, NodeDeploymentError, "HOST:PORT"),

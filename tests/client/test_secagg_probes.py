@@ -82,3 +82,30 @@ def test_the_server_never_plans_a_threshold_its_nodes_refuse() -> None:
     with pytest.raises(ConfigError, match="reconstruction_threshold"):
         load_config("demo-cpu", ["federation.secagg.num_shares=4",
                                  "federation.secagg.reconstruction_threshold=2"])
+
+
+@pytest.mark.reliability(9)
+@pytest.mark.parametrize("overrides, fragment", [
+    (["privacy.mode=none"], "privacy.mode is 'none'"),
+    (["privacy.mode=user", "privacy.noise_multiplier=2.0"], "privacy.mode is 'user'"),
+    (["privacy.mode=sample", "privacy.noise_multiplier=0.5"], "below this node's minimum 1"),
+])
+def test_a_plan_with_less_noise_than_the_node_requires_is_refused_before_training(
+        tmp_path, overrides: list[str], fragment: str) -> None:
+    # Prepare: a node that requires DP-SGD noise >= 1.0 (node_config min-noise-multiplier)
+    from client.federated import FedCMRClient
+    from client.node_settings import _policy
+    from shared_model.config import config_to_yaml, load_config
+    from shared_model.wire import PLAN_KEY
+
+    policy = _policy({"min-noise-multiplier": "1.0"})
+    node = FedCMRClient(tmp_path / "no-store-needed", "cpu", 0, _context(), policy)
+    plan = config_to_yaml(load_config("demo-cpu", overrides))
+    # Execute / Check: refused from the plan alone (no store opened, nothing trained)
+    with pytest.raises(NodePolicyError, match=fragment):
+        node.fit([], {PLAN_KEY: plan})
+    # a plan with enough noise passes the check (and only then reaches the store)
+    enough = config_to_yaml(load_config("demo-cpu", ["privacy.mode=sample", "privacy.noise_multiplier=1.2"]))
+    with pytest.raises(Exception) as after:
+        node.fit([], {PLAN_KEY: enough})
+    assert not isinstance(after.value, NodePolicyError)
