@@ -194,7 +194,7 @@ def build_client_app(settings_fn: Callable[[Context], NodeSettings] = node_setti
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
         return FedCMRClient(settings.store, settings.device, settings.site_index, context,
-                            settings.policy).to_client()
+                            settings.policy, settings.node_state).to_client()
 
     def guard(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         return node_guard(settings_fn(context).policy)(msg, context, call_next)

@@ -244,6 +244,11 @@ def join(
     min_noise_multiplier: Annotated[float, typer.Option(
         help="> 0: train only plans with DP-SGD noise this node adds itself "
              "(privacy.mode=sample) of at least this multiplier", min=0.0)] = 0.0,
+    max_epsilon: Annotated[float, typer.Option(
+        help="> 0: this node's own privacy budget over every DP round it trains, across runs "
+             "and restarts (kept in STORE/node-state)", min=0.0)] = 0.0,
+    privacy_delta: Annotated[float, typer.Option(
+        help="The delta of the node's own budget", min=0.0, max=1.0)] = 1.0e-5,
 ) -> None:
     """Join the federation: run the stock flower-supernode with TLS, this node's key and its
     store, in the foreground until stopped (Ctrl-C / SIGTERM)."""
@@ -251,7 +256,8 @@ def join(
     from client.node_settings import NodePolicy
 
     policy = NodePolicy(min_secagg_threshold=min_secagg_threshold, min_secagg_shares=min_secagg_shares,
-                        require_secagg=require_secagg, min_noise_multiplier=min_noise_multiplier)
+                        require_secagg=require_secagg, min_noise_multiplier=min_noise_multiplier,
+                        max_epsilon=max_epsilon, delta=privacy_delta)
     with user_errors():
         status = run_supernode(JoinSettings(server=server, ca_cert=ca, key=key, store=store, device=device,
                                             site_index=site_index, runtime_port=runtime_port, max_wait_s=max_wait,

@@ -116,7 +116,8 @@ def node_config(settings: JoinSettings) -> str:
             f"min-secagg-threshold={policy.min_secagg_threshold} "
             f"min-secagg-shares={policy.min_secagg_shares} "
             f"require-secagg='{str(policy.require_secagg).lower()}' "
-            f"min-noise-multiplier={float(policy.min_noise_multiplier)}")
+            f"min-noise-multiplier={float(policy.min_noise_multiplier)} "
+            f"max-epsilon={float(policy.max_epsilon)} privacy-delta={float(policy.delta)}")
 
 
 def supernode_command(settings: JoinSettings) -> list[str]:

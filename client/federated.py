@@ -20,6 +20,7 @@ from flwr.common import Scalar
 
 from client.finetune import held_out, series_from_store, task_series
 from client.store import LocalStore
+from client.node_privacy import ACCOUNTANT_FILE, NodeAccountant
 from client.node_settings import NodePolicy, check_privacy_plan
 from shared_model.config import (
     FedCMRConfig,
@@ -147,9 +148,11 @@ class FedCMRClient(NumPyClient):
     """One node, one message: dispatch on the phase the server names."""
 
     def __init__(self, store: Path, device: str, site_index: int, context: Context,
-                 policy: NodePolicy = NodePolicy()) -> None:
+                 policy: NodePolicy = NodePolicy(), node_state: Path | None = None) -> None:
         self.store_path = store
         self.policy = policy
+        # the node's own accountant, across runs and restarts (client.node_privacy)
+        self.accountant_path = (node_state if node_state is not None else store / "node-state") / ACCOUNTANT_FILE
         # "cuda:0,cuda:1": local pretraining runs data-parallel over those devices (torch DDP)
         self.devices = [d.strip() for d in device.split(",") if d.strip()] or ["auto"]
         self.device = resolve_device(self.devices[0])
@@ -324,6 +327,8 @@ class FedCMRClient(NumPyClient):
         return json.loads(str(record["history"])) if record is not None else []
 
     def _check_budget(self, plan: FedCMRConfig, dp: DPSettings, sample_rate: float, steps: int) -> None:
+        NodeAccountant(self.accountant_path, dp.accountant).check(
+            dp.noise_multiplier, sample_rate, steps, self.policy.max_epsilon, self.policy.delta)
         budget = plan.privacy.epsilon_budget
         if budget is None:
             return
@@ -338,5 +343,7 @@ class FedCMRClient(NumPyClient):
         self.context.state.config_records[STATE_DP] = ConfigRecord({"history": json.dumps(history)})
         # Opacus merges consecutive steps with the same (noise, rate) into one history row.
         steps = int(sum(row[2] for row in history) - sum(row[2] for row in previous))
+        NodeAccountant(self.accountant_path, plan.privacy.accountant).record(
+            float(history[-1][0]), float(history[-1][1]), steps)
         return {"dp_epsilon": epsilon_for(history, plan.privacy.delta, plan.privacy.accountant),
                 "dp_sample_rate": float(history[-1][1]), "dp_steps": steps}

@@ -34,6 +34,10 @@ class NodePolicy:
     # [min-noise-multiplier] > 0: this node trains only with DP-SGD noise it adds itself
     # (privacy.mode=sample) of at least this multiplier; any other plan is refused
     min_noise_multiplier: float = 0.0
+    # [max-epsilon] > 0: the node's own budget over every DP round it trains, across runs and
+    # restarts (client.node_privacy), at [privacy-delta]
+    max_epsilon: float = 0.0
+    delta: float = 1.0e-5
 
 
 class NodePolicyError(UserError, PermissionError):
@@ -108,7 +112,9 @@ def _policy(node: Mapping[str, object]) -> NodePolicy:
     return NodePolicy(min_secagg_threshold=_int_setting(node, "min-secagg-threshold", 2),
                       min_secagg_shares=_int_setting(node, "min-secagg-shares", 2),
                       require_secagg=str(node.get("require-secagg", "false")).lower() in ("1", "true"),
-                      min_noise_multiplier=_float_setting(node, "min-noise-multiplier", 0.0))
+                      min_noise_multiplier=_float_setting(node, "min-noise-multiplier", 0.0),
+                      max_epsilon=_float_setting(node, "max-epsilon", 0.0),
+                      delta=_float_setting(node, "privacy-delta", 1.0e-5))
 
 
 def node_settings_from_context(context: Context) -> NodeSettings:

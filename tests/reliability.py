@@ -36,7 +36,7 @@ CHECKS = (
     Check(8, "SecAgg+ drop-outs"),
     Check(9, "Malicious-server probes at the node"),
     Check(10, "Privacy accounting",
-          "epsilon at the node after a resume; BatchNorm refused for DP; two runs, different noise"),
+          "epsilon at the node after a restart, end to end with a real SuperNode process"),
     Check(11, "Node killed and straggler",
           "a node process killed mid-round (a silent node and too few connected sites are tested "
           "on the round's steps)"),

@@ -154,6 +154,7 @@ def test_checkpoint_missing_fields_are_named_not_key_errors(tmp_path: Path, edit
     assert str(path) in str(caught.value)
 
 
+@pytest.mark.reliability(10)
 def test_dp_noise_is_unpredictable_unless_a_simulation_asks_for_reproducible_noise(sax_data) -> None:
     def weights_after(dp: DPSettings) -> torch.Tensor:
         torch.manual_seed(0)
@@ -206,3 +207,15 @@ def test_foreground_groups_name_the_frames_that_hold_each_class(sax_data) -> Non
         holds = (sax_data.targets == label).flatten(1).any(1)
         assert torch.equal(group, torch.nonzero(holds).flatten())
     assert foreground_groups(get_task("view"), sax_data) == []
+
+
+@pytest.mark.reliability(10)
+def test_a_model_with_batchnorm_is_refused_for_dp_sgd() -> None:
+    # Per-sample clipping cannot bound one image's influence through batch statistics
+    from shared_model.privacy import make_private
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    data = torch.utils.data.TensorDataset(torch.zeros(8, 1, 8, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(PrivacyError, match="cannot train under DP-SGD"):
+        make_private(model, optimizer, data, 4, DPSettings(1.0, 1.0, 1e-5), make_generator(0))
