@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -71,7 +71,8 @@ SECAGG_MOD_MODULE = "flwr.client.mod.secure_aggregation.secaggplus_mod"
 def use_whole_seed_masks() -> None:
     """This node's SecAgg+ masks come from the whole 32-byte seed (``shared_model.masks``),
     not Flower's 32-bit fold of it; the ServerApp installs the same generator."""
-    importlib.import_module(SECAGG_MOD_MODULE).pseudo_rand_gen = sha256_ctr_masks
+    flower: Any = importlib.import_module(SECAGG_MOD_MODULE)
+    flower.pseudo_rand_gen = sha256_ctr_masks
 
 
 use_whole_seed_masks()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,8 @@ SECAGG_WORKFLOW_MODULE = "flwr.server.workflow.secure_aggregation.secaggplus_wor
 def use_whole_seed_masks() -> None:
     """The server removes SecAgg+ masks made from the whole seed (``shared_model.masks``), as
     FedCMR's nodes make them, not from Flower's 32-bit fold of it."""
-    importlib.import_module(SECAGG_WORKFLOW_MODULE).pseudo_rand_gen = sha256_ctr_masks
+    flower: Any = importlib.import_module(SECAGG_WORKFLOW_MODULE)
+    flower.pseudo_rand_gen = sha256_ctr_masks
 
 
 use_whole_seed_masks()

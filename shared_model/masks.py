@@ -43,7 +43,7 @@ def sha256_ctr_masks(seed: bytes, num_range: int,
     exact = num_range & (num_range - 1) == 0 and num_range <= 2**32
     word = np.dtype("<u4") if exact else np.dtype("<u8")
     counts = [int(np.prod(shape)) if len(shape) else 1 for shape in dimensions_list]
-    words = np.frombuffer(_stream(seed, sum(counts) * word.itemsize), dtype=word)
+    words = np.frombuffer(_stream(seed, sum(counts) * word.itemsize), dtype=word).astype(np.uint64)
     values = (words % np.uint64(num_range)).astype(np.int64)
     out: list[np.ndarray] = []
     start = 0

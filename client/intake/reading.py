@@ -73,6 +73,9 @@ class ReadSettings:
     max_side_px: int = 4096
     max_frames: int = 4096
     recursion_budget: int = 400  # Python frames pydicom may use below the caller (~4 per nesting)
+    # address space a reading process may take beyond what it started with (a decoder asked
+    # for more fails with MemoryError, and the file is skipped); 0: no bound
+    worker_memory_bytes: int = 4 * 1024**3
 
 
 @dataclass
@@ -578,9 +581,29 @@ _WORKER: InstanceReader | None = None
 _WORKER_STACK = contextlib.ExitStack()
 
 
+def limit_address_space(extra_bytes: int) -> bool:
+    """Bound this process's address space to what it holds now plus ``extra_bytes`` (Linux:
+    RLIMIT_AS from /proc/self/statm); False where it cannot be bounded."""
+    if extra_bytes <= 0:
+        return False
+    try:
+        import resource
+
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+        now = pages * os.sysconf("SC_PAGE_SIZE")
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = now + extra_bytes if hard == resource.RLIM_INFINITY else min(hard, now + extra_bytes)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, OSError, ValueError):
+        return False
+    return True
+
+
 def init_worker(settings: ReadSettings) -> None:
-    """Process-pool initializer: one reader per process, pydicom silenced for its lifetime."""
+    """Process initializer: one reader per process, pydicom silenced for its lifetime, its
+    address space bounded (``settings.worker_memory_bytes``)."""
     global _WORKER
+    limit_address_space(settings.worker_memory_bytes)
     _WORKER_STACK.enter_context(quiet_pydicom())
     _WORKER = InstanceReader(settings)
 

@@ -74,3 +74,25 @@ def test_a_bad_real_site_path_is_one_line_and_exit_2(tmp_path: Path) -> None:
     # Assert: the intake's message, no traceback
     assert result.exit_code == 2, result.output
     assert "nowhere does not exist" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.reliability(16)
+def test_no_planted_phi_string_leaves_the_hospital_exports(scenario) -> None:
+    # Every PHI string the cohort planted in its DICOM headers, searched for in everything the
+    # run wrote outside those exports (stores, node audit logs of every reply a node sent,
+    # checkpoints, metrics, TensorBoard events, release, results, report, plots) and in
+    # everything it printed
+    out, proc = scenario
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cohort = out / "cohort"
+    planted = sorted({value for path in cohort.glob("site-*/planted_phi.json")
+                      for value in json.loads(path.read_text())})
+    assert len(planted) >= 20
+    written = [p for p in out.rglob("*") if p.is_file() and cohort not in p.parents]
+    audits = [p for p in written if p.name == "node-audit.jsonl"]
+    assert audits and all(p.read_text().strip() for p in audits)  # the nodes logged their replies
+    assert any(p.suffix == ".safetensors" for p in written) and any("tfevents" in p.name for p in written)
+    printed = (proc.stdout + proc.stderr).encode()
+    hits = [(value, str(p)) for p in written for value in planted if value.encode() in p.read_bytes()]
+    hits += [(value, "console") for value in planted if value.encode() in printed]
+    assert hits == []
