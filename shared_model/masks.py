@@ -26,10 +26,16 @@ BLOCK = 32  # bytes of one SHA-256 output
 
 
 def _stream(seed: bytes, nbytes: int) -> bytes:
-    prefix = DOMAIN + len(seed).to_bytes(2, "little") + seed
+    """Blocks SHA-256(DOMAIN || len(seed) || seed || i), i = 0, 1, ... (64-bit little-endian);
+    the prefix is hashed once and its state copied per block."""
+    prefix = hashlib.sha256(DOMAIN + len(seed).to_bytes(2, "little") + seed)
     blocks = -(-nbytes // BLOCK)
-    return b"".join(hashlib.sha256(prefix + i.to_bytes(8, "little")).digest()
-                    for i in range(blocks))[:nbytes]
+    out = bytearray()
+    for i in range(blocks):
+        block = prefix.copy()
+        block.update(i.to_bytes(8, "little"))
+        out += block.digest()
+    return bytes(out[:nbytes])
 
 
 def sha256_ctr_masks(seed: bytes, num_range: int,
