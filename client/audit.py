@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 AUDIT_FILE = "node-audit.jsonl"
 
 
+def _number(value: object) -> object:
+    """JSON has no NaN or infinity: a non-finite number is logged as its name ("nan", "inf")."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _config_value(value: object) -> object:
     if isinstance(value, bytes):
         return {"bytes": len(value)}
@@ -36,7 +42,7 @@ def _config_value(value: object) -> object:
         if value and isinstance(value[0], bytes):
             return {"items": len(value), "bytes": sum(len(v) for v in value)}
         return {"items": len(value)}
-    return value if isinstance(value, (bool, int, float)) else {"kind": type(value).__name__}
+    return _number(value) if isinstance(value, (bool, int, float)) else {"kind": type(value).__name__}
 
 
 def audit_record(msg: Message, reply: Message) -> dict[str, object]:
@@ -57,7 +63,9 @@ def audit_record(msg: Message, reply: Message) -> dict[str, object]:
                            "dtype": array.dtype, "bytes": len(array.data)})
     record["arrays"] = arrays
     record["bytes"] = sum(int(a["bytes"]) for a in arrays)  # type: ignore[call-overload]
-    record["metrics"] = {name: dict(metrics.items()) for name, metrics in content.metric_records.items()}
+    record["metrics"] = {name: {k: [_number(x) for x in v] if isinstance(v, list) else _number(v)
+                                for k, v in metrics.items()}
+                         for name, metrics in content.metric_records.items()}
     record["configs"] = {name: {k: _config_value(v) for k, v in configs.items()}
                          for name, configs in content.config_records.items()}
     return record

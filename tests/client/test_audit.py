@@ -38,6 +38,7 @@ def test_each_reply_is_logged_with_what_it_carries(tmp_path: Path, monkeypatch) 
     weights = ArrayRecord([np.zeros((4, 3), np.float32), np.ones(5, np.float32)])
     content = RecordDict({"fitres.parameters": weights,
                           "fitres.metrics": MetricRecord({"loss": 0.25, "site_index": 2}),
+                          "evaluateres.metrics": MetricRecord({"loss": float("nan")}),
                           "secagg": ConfigRecord({"stage": "share_keys", "pk": b"x" * 32,
                                                   "shares": [b"a" * 10, b"b" * 10]})})
     # Execute
@@ -51,6 +52,7 @@ def test_each_reply_is_logged_with_what_it_carries(tmp_path: Path, monkeypatch) 
     assert sent["run"] == 1 and sent["round"] == "3" and sent["message_type"] == MessageType.TRAIN
     assert [a["shape"] for a in sent["arrays"]] == [[4, 3], [5]] and sent["bytes"] >= 68
     assert sent["metrics"]["fitres.metrics"] == {"loss": 0.25, "site_index": 2}
+    assert sent["metrics"]["evaluateres.metrics"] == {"loss": "nan"}  # logged, not withheld
     # keys and shares are logged by size, never by content
     assert sent["configs"]["secagg"]["pk"] == {"bytes": 32}
     assert sent["configs"]["secagg"]["shares"] == {"items": 2, "bytes": 20}
