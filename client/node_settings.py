@@ -92,20 +92,22 @@ def simulated_node_settings(sites_root: Path, index: int, device: str = "auto", 
                         site_index=index, policy=policy, threads=threads)
 
 
-def _int_setting(node: Mapping[str, object], key: str, default: int) -> int:
+def _number_setting(node: Mapping[str, object], key: str, default: float, kind: type) -> float:
+    """``node[key]`` as ``kind`` (int or float), or an error naming the key."""
     value = node.get(key, default)
     try:
-        return int(value)  # type: ignore[call-overload]
+        return kind(value)
     except (TypeError, ValueError):
-        raise NodeConfigError(f"node_config '{key}' must be an integer, got {value!r}") from None
+        raise NodeConfigError(f"node_config '{key}' must be {'an integer' if kind is int else 'a number'}, "
+                              f"got {value!r}") from None
+
+
+def _int_setting(node: Mapping[str, object], key: str, default: int) -> int:
+    return int(_number_setting(node, key, default, int))
 
 
 def _float_setting(node: Mapping[str, object], key: str, default: float) -> float:
-    value = node.get(key, default)
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise NodeConfigError(f"node_config '{key}' must be a number, got {value!r}") from None
+    return _number_setting(node, key, default, float)
 
 
 def _policy(node: Mapping[str, object]) -> NodePolicy:
