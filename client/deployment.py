@@ -30,7 +30,7 @@ from client.node_settings import NodePolicy
 from client.store import LocalStore
 from shared_model.errors import UserError
 from shared_model.files import write_public, write_secret
-from shared_model.processes import flower_binary, flower_environment, stop_group
+from shared_model.processes import certificate_problem, flower_binary, flower_environment, stop_group
 
 KEY_NAME = "node-auth.key"
 DEFAULT_RUNTIME_PORT = 9094  # flower-supernode's own Runtime API, on 127.0.0.1
@@ -157,6 +157,11 @@ def run_supernode(settings: JoinSettings, output: TextIO | None = None) -> int:
     """Run the SuperNode in the foreground until it exits, its log passed through to ``output``
     (stdout); SIGINT/SIGTERM reach it. Its exit status, or an error when the SuperLink refused it."""
     command = supernode_command(settings)
+    host, port = settings.server.rsplit(":", 1)
+    problem = certificate_problem(host.strip("[]"), int(port), settings.ca_cert)
+    if problem is not None:  # no SuperNode starts, so nothing of the node is sent there
+        raise NodeDeploymentError(f"the server at {settings.server} {problem}; check that --ca is the "
+                                  "consortium's ca.crt and --server its address")
     process = subprocess.Popen(command, env=flower_environment(Path(command[0])), start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     refusals: list[str] = []

@@ -74,6 +74,36 @@ def tls_answers(host: str, port: int, ca_cert: Path, server_name: str, timeout_s
         return False
 
 
+# OpenSSL's verification codes a node can act on, and what they mean for it
+_VERIFY_REASONS = {
+    9: "is not valid yet (check this machine's clock)",
+    10: "has expired; the consortium must renew it",
+    62: "is not valid for the host name {host}; use the address the consortium's certificate names",
+    64: "is not valid for the address {host}; use the address the consortium's certificate names",
+}
+
+
+def certificate_problem(host: str, port: int, ca_cert: Path, timeout_s: float = 5.0) -> str | None:
+    """Why the TLS server at ``host:port`` fails verification against ``ca_cert`` (expired, not
+    yet valid, another host's, or one the CA does not vouch for), checked with Python's ``ssl``,
+    the library the SuperNode's transport verifies with; None when it verifies or cannot be
+    reached (a server that is not up yet is the SuperNode's to wait for)."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        reason = _VERIFY_REASONS.get(exc.verify_code)
+        if reason is not None:
+            return f"presents a certificate that {reason.format(host=host)}"
+        return f"presents a certificate that {ca_cert} does not vouch for ({exc.verify_message})"
+    except ssl.SSLError as exc:
+        return f"did not complete a TLS handshake ({exc.reason or exc}); is it the consortium's TLS port?"
+    except OSError:
+        return None
+
+
 def start_detached(command: Sequence[str], log_file: Path, env: Mapping[str, str],
                    cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """Start ``command`` in its own session (so one signal reaches all its children), output to

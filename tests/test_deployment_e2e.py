@@ -1,14 +1,16 @@
 """A consortium and two hospitals on loopback, as real OS processes of the stock Flower binaries:
 ``fedcmr-server init`` / ``start`` / ``admit``, ``fedcmr-client keygen`` / ``join``, then one
 round of the project's apps submitted with ``flwr run``. Also: a node whose key was not admitted
-is refused (with a key or without one), a node trusting another CA cannot connect, plaintext to
-the TLS port fails, a revoked node is refused, and a restarted SuperLink keeps its admissions.
+is refused (with a key or without one), stale, future-dated and foreign-key signatures are
+refused, a node trusting another CA cannot connect, plaintext to the TLS port fails, a revoked
+node is refused, and a restarted SuperLink keeps its admissions.
 
 Marked ``e2e`` (``make e2e``); about 2 min 20 s on 2 CPU cores shared with other work.
 """
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import os
 import socket
@@ -21,8 +23,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
+from base64 import b64encode
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.constant import TIMESTAMP_HEADER
+from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest  # pylint: disable=E0611
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+from flwr.supercore.date import now
+from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors.http.utils import add_headers
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+from flwr.supernode.fleet_http_client import FleetHttpClient
 
 from server.deployment import ConsortiumDir, node_status, read_registry, running_link
 from server.metrics import RecordKind, read_records
@@ -129,7 +144,41 @@ def _wait_online(folder: ConsortiumDir, node_ids: set[int], timeout_s: float) ->
     return status
 
 
-@pytest.mark.reliability(1, 3)
+class _SignedAs:
+    """Fleet authentication headers as a SuperNode sends them, with the claimed key, the key that
+    signs and the signed time chosen by the test (an honest node uses its own key and now)."""
+
+    def __init__(self, claimed: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
+                 at: datetime.datetime) -> None:
+        self.claimed, self.signer, self.timestamp = claimed, signer, at.isoformat()
+
+    def intercept(self, context, call_next):  # type: ignore[no-untyped-def]
+        add_headers(context.request, {
+            FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key_to_bytes(self.claimed.public_key())).decode(),
+            TIMESTAMP_HEADER: self.timestamp,
+            FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(self.signer, self.timestamp.encode())).decode()})
+        return call_next(context)
+
+
+def _heartbeat(port: int, ca: Path, node_id: int, signed: _SignedAs) -> int:
+    """The HTTP status the SuperLink answers one heartbeat for ``node_id`` with."""
+    with FleetHttpClient.from_server_address(
+            f"127.0.0.1:{port}", False, str(ca),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"), signed]) as client:
+        try:
+            client.SendNodeHeartbeat(SendNodeHeartbeatRequest(node=Node(node_id=node_id), heartbeat_interval=30))
+        except httpx.HTTPStatusError as exc:
+            return exc.response.status_code
+    return 200
+
+
+def _node_key(folder: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_ssh_private_key((folder / "node-auth.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+@pytest.mark.reliability(1, 2, 3)
 def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback) -> None:
     # Prepare: the consortium's folder and SuperLink; three hospitals' keys and stores
     port = _free_port()
@@ -156,6 +205,21 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
 
     # Assert: both online over TLS with their own keys
     assert all(status.get(node) == "online" for node in node_ids), status
+
+    # Execute / Assert: signed Fleet requests with hospital-a's key: an honest one is answered;
+    # a stale or future-dated signature, hospital-a's key signed by another key, and hospital-a
+    # asking as hospital-b are refused (check 2)
+    registry = read_registry(folder)
+    a_id, b_id = (int(registry[name]["node_id"]) for name in ("hospital-a", "hospital-b"))
+    a_key, foreign = _node_key(loopback.root / "hospital-a"), _node_key(loopback.root / "intruder")
+    minutes = datetime.timedelta(minutes=10)
+    answers = {case: _heartbeat(port, folder.tls.ca_cert, node, _SignedAs(a_key, signer, now() + shift))
+               for case, node, signer, shift in (
+                   ("honest", a_id, a_key, datetime.timedelta()), ("stale", a_id, a_key, -minutes),
+                   ("future-dated", a_id, a_key, minutes), ("foreign key", a_id, foreign, datetime.timedelta()),
+                   ("another node's id", b_id, a_key, datetime.timedelta()))}
+    assert answers == {"honest": 200, "stale": 401, "future-dated": 401, "foreign key": 401,
+                       "another node's id": 401}, answers
 
     # Execute / Assert: a key the consortium never admitted is refused, with a clear line
     intruder = loopback.run("fedcmr-client", *loopback.join_args("intruder", port, folder.tls.ca_cert, 2),
