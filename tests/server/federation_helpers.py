@@ -76,3 +76,21 @@ def record_stages(site: int, path: Path) -> Mod:
                 handle.write(f"{configs.get('stage')}\n")
         return call_next(msg, context)
     return mod
+
+
+def record_sent(path: Path) -> Mod:
+    """A mod that appends the raw bytes of everything each reply carries to ``path`` (every
+    array's buffer, every config and metric value), as the node sends it (after masking)."""
+    def mod(msg: Message, context: Context, call_next):
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            with path.open("ab") as handle:
+                for arrays in reply.content.array_records.values():
+                    for array in arrays.values():
+                        handle.write(array.data)
+                for records in (*reply.content.config_records.values(), *reply.content.metric_records.values()):
+                    for key, value in records.items():
+                        for item in value if isinstance(value, list) else [value]:
+                            handle.write(key.encode() + (item if isinstance(item, bytes) else str(item).encode()))
+        return reply
+    return mod

@@ -96,3 +96,25 @@ def test_no_planted_phi_string_leaves_the_hospital_exports(scenario) -> None:
     hits = [(value, str(p)) for p in written for value in planted if value.encode() in p.read_bytes()]
     hits += [(value, "console") for value in planted if value.encode() in printed]
     assert hits == []
+
+
+@pytest.mark.reliability(16)
+def test_no_planted_phi_string_is_in_the_bytes_a_node_sends(scenario, tmp_path: Path) -> None:
+    # Prepare: the scenario's stores, ingested from exports with planted PHI in their headers
+    from tests.server.federation_helpers import federate, record_sent
+
+    out, proc = scenario
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planted = sorted({value for path in (out / "cohort").glob("site-*/planted_phi.json")
+                      for value in json.loads(path.read_text())})
+    sent = tmp_path / "sent.bin"
+    # Execute: a pretraining round and a federated fine-tuning round over those stores, every
+    # reply's raw bytes (weight buffers, metrics, configs) recorded as it leaves the node
+    _, outcome = federate(tmp_path / "run", out / "sites", 2,
+                          ["federation.rounds=1", "federation.finetune_rounds=1", "tasks.names=[sax_seg]",
+                           "tasks.steps=1", "tasks.batch_size=4"], extra_mods=[record_sent(sent)])
+    # Assert: the nodes sent weights, and no planted string is in them, in UTF-8 or UTF-16
+    data = sent.read_bytes()
+    assert outcome.status.value == "released" and len(data) > 100_000
+    hits = [v for v in planted for encoded in (v.encode(), v.encode("utf-16-le")) if encoded in data]
+    assert hits == []
