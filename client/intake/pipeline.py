@@ -148,12 +148,19 @@ class _Progress:
 # ---------------------------------------------------------------- reading
 
 def _read_serial(items: list[tuple[int, str]], settings: ReadSettings, progress: _Progress,
-                 deliver: Callable[[list[InstanceResult]], None]) -> None:
-    reader = InstanceReader(settings)
+                 deliver: Callable[[list[InstanceResult]], None]) -> list[tuple[int, str]]:
+    """Read in this process what is safe to read here; the files it left to a reading process."""
+    reader = InstanceReader(settings, in_process=True)
+    deferred = []
     with quiet_pydicom():
         for index, path in items:
-            deliver([reader.read(index, path)])
+            result = reader.read_or_defer(index, path)
+            if result is None:
+                deferred.append((index, path))
+                continue
+            deliver([result])
             progress.advance(1)
+    return deferred
 
 
 def read_files(items: list[tuple[int, str]], settings: ReadSettings, workers: int,
@@ -161,13 +168,16 @@ def read_files(items: list[tuple[int, str]], settings: ReadSettings, workers: in
                forking: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
     """Read files, handing results to ``deliver`` as they come (not in scan order).
 
-    In worker processes (isolated: a file that kills or hangs its reader costs only itself),
-    except for a handful of files, where starting processes costs more than reading.
-    ``forking()`` is entered around each fork (default: the progress bar pauses).
+    In worker processes (isolated and bounded in memory and time: a file that kills or hangs its
+    reader costs only itself), except for a handful of files, where starting processes costs
+    more than reading: those are read here when natively encoded and small, and the rest
+    (compressed pixels, large files) still in a worker. ``forking()`` is entered around each
+    fork (default: the progress bar pauses).
     """
     if len(items) < SERIAL_BELOW:
-        _read_serial(items, settings, progress, deliver)
-    else:
+        items = _read_serial(items, settings, progress, deliver)
+        workers = min(workers, len(items))
+    if items:
         read_in_workers(items, settings, workers, CHUNK_FILES, progress.advance,
                         forking or progress.paused, deliver=deliver)
 

@@ -46,6 +46,10 @@ NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
                                   "1.2.840.10008.1.2.1.99"})
 DEFER_SIZE = 16 * 1024 * 1024  # elements larger than this are read only after the size checks
 PLAIN_READ_MAX_BYTES = 64 * 1024 * 1024  # files up to this size are read whole (plain_dicom)
+# Read in the ingesting process (a small export) only up to this size, natively encoded: larger
+# files, and every file a decoder must expand, go to a reading process bounded in memory and
+# time (client.intake.workers), so no file can take the node's memory or hang its intake.
+IN_PROCESS_MAX_BYTES = PLAIN_READ_MAX_BYTES
 
 # Tags read as raw bytes (fast, no value conversion); BaseTag keys skip pydicom's Tag() parsing.
 _T = {name: Tag(name) for name in (
@@ -57,6 +61,10 @@ _T = {name: Tag(name) for name in (
     "PhotometricInterpretation", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
     "PerFrameFunctionalGroupsSequence", "Rows", "Columns", "BitsAllocated", "BitsStored",
     "PixelRepresentation", "SamplesPerPixel", "TransferSyntaxUID")}
+
+
+class NeedsWorker(Exception):
+    """A file an in-process reader leaves to a bounded reading process."""
 
 
 @dataclass(frozen=True)
@@ -450,16 +458,26 @@ def _valid(geometry: FrameGeometry) -> bool:
 class InstanceReader:
     """Reads files into :class:`InstanceResult` with one pseudonymiser (and its caches)."""
 
-    def __init__(self, settings: ReadSettings) -> None:
+    def __init__(self, settings: ReadSettings, in_process: bool = False) -> None:
         self.settings = settings
+        self.in_process = in_process  # defer what only a bounded reading process may read
         self.pseudonymiser = Pseudonymiser(settings.secret)
         self._hints: dict[str, SeriesHints] = {}  # store series UID -> hints (first file's)
 
     def read(self, index: int, path: str | Path) -> InstanceResult:
         """Never raises for bad input: every failure is a reason code on the result."""
+        result = self.read_or_defer(index, path)
+        assert result is not None, "only an in-process reader defers a file"
+        return result
+
+    def read_or_defer(self, index: int, path: str | Path) -> InstanceResult | None:
+        """As :meth:`read`; None for a file an in-process reader leaves to a reading process
+        (larger than IN_PROCESS_MAX_BYTES, or pixels a decoder must expand)."""
         try:
             with bounded_recursion(self.settings.recursion_budget):
                 return self._read(index, Path(path))
+        except NeedsWorker:
+            return None
         except SkipFile as skip:
             return InstanceResult(index=index, reason=skip.reason)
         except RecursionError:
@@ -477,6 +495,8 @@ class InstanceReader:
         size = stat.st_size
         if size > self.settings.max_file_bytes:
             raise SkipFile("file_too_large")
+        if self.in_process and size > IN_PROCESS_MAX_BYTES:
+            raise NeedsWorker
         if size <= PLAIN_READ_MAX_BYTES:
             try:
                 with open(path, "rb") as handle:
@@ -509,6 +529,8 @@ class InstanceReader:
         if not study or not series:
             raise SkipFile("missing_uid")
         layout = _pixel_layout(ds, self.settings)
+        if self.in_process and layout.syntax not in NATIVE_LITTLE_ENDIAN:
+            raise NeedsWorker
         enhanced = sop_class != MR_IMAGE
         frames = layout.frames
         geometry = _enhanced_geometry(ds, frames) if enhanced else _classic_geometry(ds, frames)

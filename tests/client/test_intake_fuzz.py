@@ -126,3 +126,38 @@ def test_a_reading_process_cannot_take_more_memory_than_its_bound() -> None:
     bounded, outcome = queue.get(timeout=60)
     process.join(timeout=60)
     assert bounded and outcome == "MemoryError"
+
+
+def _rle_bomb(path: Path, side: int, frames: int) -> None:
+    """A tiny RLE Lossless file that decodes to frames x side x side 16-bit pixels."""
+    from pydicom.uid import RLELossless
+
+    ds = _valid_dataset(8, side)
+    ds.Rows = ds.Columns = side
+    ds.NumberOfFrames = frames
+    ds.PixelData = np.zeros((frames, side, side), dtype=np.uint16).tobytes()
+    ds.compress(RLELossless)
+    _save(ds, path)
+
+
+@pytest.mark.reliability(15)
+def test_a_small_export_reads_compressed_or_large_files_only_in_a_bounded_process(tmp_path: Path) -> None:
+    # Prepare: an export of three files (read in the ingesting process, being fewer than the
+    # worker threshold): two plain frames and a 2 MB RLE file that decodes to 128 MiB
+    from client.intake.pipeline import _Progress, read_files
+    from client.intake.reading import InstanceResult, ReadSettings
+
+    paths = [_save(_valid_dataset(9, i), tmp_path / f"plain-{i}.dcm") for i in range(2)]
+    _rle_bomb(tmp_path / "bomb.dcm", 4096, 4)
+    paths.append(tmp_path / "bomb.dcm")
+    assert (tmp_path / "bomb.dcm").stat().st_size < 4 * 1024**2
+    settings = ReadSettings(spacing_mm=1.5, crop_px=16, secret="s" * 32, worker_memory_bytes=64 * 1024**2)
+    results: list[InstanceResult] = []
+    # Execute
+    read_files(list(enumerate(map(str, paths))), settings, 1, _Progress(None, 3, False), results.extend)
+    # Assert: the plain frames read here; the decoder ran in a reading process bounded to 64 MiB
+    # beyond its start, where it ran out of memory and the file was skipped with a reason
+    by_index = {r.index: r for r in results}
+    assert sorted(by_index) == [0, 1, 2]
+    assert by_index[0].frames and by_index[1].frames
+    assert by_index[2].reason == "absurd_dimensions" and not by_index[2].frames
