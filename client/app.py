@@ -15,8 +15,8 @@ Mods, outermost first:
    could carry a path or a header value; the traceback stays in the node's own log.
 1. ``node_guard``: the node's own policy — refuses SecAgg+ settings weaker than it accepts (and
    any threshold of at most half the shares), an unmask request naming a node both as active
-   and as dropped (which would let the server unmask an individual update), and, if the node
-   requires it, any round without SecAgg+.
+   and as dropped (which would let the server unmask an individual update), if the node
+   requires it any round without SecAgg+, and instructions or replies above its message size.
 2. ``secure_aggregation``: Flower's ``secaggplus_mod`` for SecAgg+ rounds; plain rounds pass.
 3. ``secagg_update_encoding``: under SecAgg+ the node sends its update, not its weights: the
    difference from the round's global weights, clipped to the consortium's norm bound and
@@ -34,7 +34,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client import Client
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
@@ -100,15 +100,39 @@ def redact_errors(msg: Message, context: Context,
                        reply_to=msg)
 
 
+def content_bytes(content: RecordDict) -> int:
+    """What a message's content weighs: its arrays' buffers and its config values' bytes."""
+    size = sum(len(array.data) for arrays in content.array_records.values() for array in arrays.values())
+    for configs in content.config_records.values():
+        for value in configs.values():
+            for item in value if isinstance(value, list) else [value]:
+                size += len(item) if isinstance(item, (bytes, str)) else 8
+    return size
+
+
+def check_message_size(what: str, content: RecordDict, policy: NodePolicy) -> None:
+    """Refuse an instruction, or withhold a reply, above the node's [max-message-mb]."""
+    if policy.max_message_mb <= 0:
+        return
+    size = content_bytes(content)
+    if size > policy.max_message_mb * 1e6:
+        raise NodePolicyError(f"{what} of {size / 1e6:.1f} MB exceeds this node's limit of "
+                              f"{policy.max_message_mb:g} MB (max-message-mb)")
+
+
 def node_guard(policy: NodePolicy) -> Mod:
     def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        check_message_size("an instruction", msg.content, policy)
         if msg.metadata.message_type == MessageType.TRAIN:
             configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
             if configs is None and policy.require_secagg:
                 raise NodePolicyError("this node trains only under SecAgg+ (require-secagg)")
             if configs is not None:
                 check_secagg_request(dict(configs), policy)
-        return call_next(msg, context)
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            check_message_size("a reply", reply.content, policy)  # withheld: the error goes instead
+        return reply
 
     return mod
 

@@ -249,6 +249,8 @@ def join(
              "and restarts (kept in STORE/node-state)", min=0.0)] = 0.0,
     privacy_delta: Annotated[float, typer.Option(
         help="The delta of the node's own budget", min=0.0, max=1.0)] = 1.0e-5,
+    max_message_mb: Annotated[float, typer.Option(
+        help="> 0: refuse instructions and withhold replies larger than this (MB)", min=0.0)] = 0.0,
 ) -> None:
     """Join the federation: run the stock flower-supernode with TLS, this node's key and its
     store, in the foreground until stopped (Ctrl-C / SIGTERM)."""
@@ -257,7 +259,7 @@ def join(
 
     policy = NodePolicy(min_secagg_threshold=min_secagg_threshold, min_secagg_shares=min_secagg_shares,
                         require_secagg=require_secagg, min_noise_multiplier=min_noise_multiplier,
-                        max_epsilon=max_epsilon, delta=privacy_delta)
+                        max_epsilon=max_epsilon, delta=privacy_delta, max_message_mb=max_message_mb)
     with user_errors():
         status = run_supernode(JoinSettings(server=server, ca_cert=ca, key=key, store=store, device=device,
                                             site_index=site_index, runtime_port=runtime_port, max_wait_s=max_wait,

@@ -117,7 +117,8 @@ def node_config(settings: JoinSettings) -> str:
             f"min-secagg-shares={policy.min_secagg_shares} "
             f"require-secagg='{str(policy.require_secagg).lower()}' "
             f"min-noise-multiplier={float(policy.min_noise_multiplier)} "
-            f"max-epsilon={float(policy.max_epsilon)} privacy-delta={float(policy.delta)}")
+            f"max-epsilon={float(policy.max_epsilon)} privacy-delta={float(policy.delta)} "
+            f"max-message-mb={float(policy.max_message_mb)}")
 
 
 def supernode_command(settings: JoinSettings) -> list[str]:

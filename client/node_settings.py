@@ -38,6 +38,9 @@ class NodePolicy:
     # restarts (client.node_privacy), at [privacy-delta]
     max_epsilon: float = 0.0
     delta: float = 1.0e-5
+    # [max-message-mb] > 0: the largest instruction this node processes and the largest reply it
+    # sends, in MB (arrays and config bytes); 0: Flower's own transport limit only
+    max_message_mb: float = 0.0
 
 
 class NodePolicyError(UserError, PermissionError):
@@ -116,7 +119,8 @@ def _policy(node: Mapping[str, object]) -> NodePolicy:
                       require_secagg=str(node.get("require-secagg", "false")).lower() in ("1", "true"),
                       min_noise_multiplier=_float_setting(node, "min-noise-multiplier", 0.0),
                       max_epsilon=_float_setting(node, "max-epsilon", 0.0),
-                      delta=_float_setting(node, "privacy-delta", 1.0e-5))
+                      delta=_float_setting(node, "privacy-delta", 1.0e-5),
+                      max_message_mb=_float_setting(node, "max-message-mb", 0.0))
 
 
 def node_settings_from_context(context: Context) -> NodeSettings:

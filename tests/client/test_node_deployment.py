@@ -89,7 +89,7 @@ def test_the_supernode_runs_with_tls_its_key_and_the_store_in_node_config(node: 
     from client.node_settings import NodePolicy
 
     strict = NodePolicy(min_secagg_threshold=3, min_secagg_shares=4, require_secagg=True,
-                        min_noise_multiplier=1.5, max_epsilon=8.0, delta=1e-6)
+                        min_noise_multiplier=1.5, max_epsilon=8.0, delta=1e-6, max_message_mb=64.0)
     strict_command = supernode_command(JoinSettings(**{**node.__dict__, "policy": strict}))
     strict_flags = dict(zip(strict_command[1::2], strict_command[2::2]))
     context = SimpleNamespace(node_config=parse_config_args([strict_flags["--node-config"]]), run_config={})

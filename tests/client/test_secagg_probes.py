@@ -109,3 +109,33 @@ def test_a_plan_with_less_noise_than_the_node_requires_is_refused_before_trainin
     with pytest.raises(Exception) as after:
         node.fit([], {PLAN_KEY: enough})
     assert not isinstance(after.value, NodePolicyError)
+
+
+@pytest.mark.reliability(14)
+def test_an_instruction_or_a_reply_above_the_nodes_message_size_is_refused() -> None:
+    # Prepare: a node that processes and sends at most 1 MB
+    import numpy as np
+    from flwr.app import ArrayRecord
+
+    from client.node_settings import node_settings_from_context
+
+    node = Context(run_id=1, node_id=NODE, node_config={"store": "/data/store", "max-message-mb": 1.0},
+                   state=RecordDict(), run_config={})
+    guard = node_guard(node_settings_from_context(node).policy)
+    big = ArrayRecord([np.zeros(300_000, np.float32)])  # 1.2 MB
+    small = ArrayRecord([np.zeros(1_000, np.float32)])
+
+    def instruction(arrays: ArrayRecord) -> Message:
+        return Message(RecordDict({"fitins.parameters": arrays}), dst_node_id=NODE,
+                       message_type=MessageType.TRAIN, group_id="1")
+
+    def replying(arrays: ArrayRecord):
+        return lambda msg, context: Message(RecordDict({"fitres.parameters": arrays}), reply_to=msg)
+
+    # Execute / Assert: too large an instruction is refused before any training
+    with pytest.raises(NodePolicyError, match=r"an instruction of 1\.2 MB exceeds this node's limit of 1 MB"):
+        guard(instruction(big), node, _never_called)
+    # ... too large a reply is withheld (the error goes instead), one within the limit passes
+    with pytest.raises(NodePolicyError, match=r"a reply of 1\.2 MB exceeds"):
+        guard(instruction(small), node, replying(big))
+    assert guard(instruction(small), node, replying(small)).has_content()
