@@ -49,7 +49,7 @@ from shared_model.config import (
 )
 from shared_model.masks import sha256_ctr_masks
 from shared_model.phase_models import initial_ssl_model, initial_task_model, task_keys
-from shared_model.bundle import start_from_decoder
+from shared_model.bundle import load_bundle, start_from_decoder
 from shared_model.ssl import federated_keys
 from shared_model.ssl.mae import DenseMAE
 from shared_model.tasks import get_task
@@ -115,6 +115,8 @@ def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig,
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = load_state(run_dir, cfg) if cfg.output.resume else ServerState()
+    if cfg.federation.foundation and not state.foundation:
+        start_from_foundation(state, cfg)
     save_resolved_config(cfg, run_dir)
     ledger = (PrivacyLedger.from_json(state.ledger_json) if state.ledger_json
               else PrivacyLedger(cfg.privacy.delta, cfg.privacy.accountant))
@@ -141,6 +143,18 @@ def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig,
     finally:
         progress.close()
         metrics.close()
+
+
+def start_from_foundation(state: ServerState, cfg: FedCMRConfig) -> None:
+    """The run's foundation is a released bundle (``federation.foundation``): its encoder, and
+    its dense decoder, which fine-tuning's dense heads start from."""
+    bundle = load_bundle(cfg.federation.foundation)
+    preset = bundle.config.model.preset
+    if preset != cfg.model.preset:
+        raise ConfigError(f"key 'federation.foundation': {bundle.root} holds a {preset} encoder, "
+                          f"the run's model.preset is {cfg.model.preset}; set model.preset={preset}")
+    state.foundation = dict(bundle.encoder)
+    state.decoder = dict(bundle.decoder)
 
 
 def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple[torch.nn.Module, list[str]]:

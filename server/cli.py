@@ -175,5 +175,58 @@ def nodes(folder: Consortium) -> None:
     Console(width=max(Console().width, 110)).print(table)
 
 
+RunName = Annotated[str, typer.Option("--name", help="The run's name: its folder is runs/NAME in the "
+                                                 "consortium folder")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue runs/NAME from its last checkpoint "
+                                                       "(after an interruption or a pause)")]
+RunOverrides = Annotated[Optional[list[str]], typer.Argument(
+    help="Config overrides as key=value, e.g. federation.min_sites=3 federation.rounds=25")]
+
+
+def _submit(folder: Path, preset: str, name: str, overrides: list[str], resume: bool) -> None:
+    from server.deployment import ConsortiumDir, RunRequest, submit_run
+
+    with user_errors():
+        status = submit_run(ConsortiumDir(folder), RunRequest(preset, name, tuple(overrides), resume))
+    raise typer.Exit(status)
+
+
+@app.command()
+def pretrain(
+    config: Annotated[str, typer.Argument(help="Preset from configs/ or a YAML file")],
+    name: RunName,
+    overrides: RunOverrides = None,
+    resume: Resume = False,
+    folder: ConsortiumOption = Path("."),
+) -> None:
+    """Federated pretraining (and the federated fine-tuning CONFIG plans after it) on the
+    admitted hospitals: submits FedCMR's apps to this consortium's SuperLink and streams the
+    run's log; the release lands in runs/NAME/release."""
+    _submit(folder, config, name, list(overrides or []), resume)
+
+
+@app.command()
+def finetune(
+    config: Annotated[str, typer.Argument(help="Preset from configs/ or a YAML file (its "
+                                               "tasks.names and federation.finetune_rounds)")],
+    model: Annotated[Path, typer.Option("--model", help="The released foundation model to start "
+                                                        "from (a bundle folder, e.g. runs/RUN/release)")],
+    name: RunName,
+    overrides: RunOverrides = None,
+    resume: Resume = False,
+    folder: ConsortiumOption = Path("."),
+) -> None:
+    """Federated fine-tuning of a released foundation model on the admitted hospitals, no
+    pretraining: its encoder (and dense decoder) start every task in tasks.names."""
+    from shared_model.bundle import load_bundle
+
+    with user_errors():
+        bundle = load_bundle(model)
+    grid = bundle.config
+    _submit(folder, config, name, [f"model.preset={grid.model.preset}", f"data.spacing_mm={grid.data.spacing_mm}",
+                                   f"data.crop_px={grid.data.crop_px}", *(overrides or []), "federation.rounds=0",
+                                   f"federation.foundation={bundle.root.resolve()}"], resume)
+
+
 def main() -> None:
     app()

@@ -24,10 +24,11 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import psutil
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.pki import DEFAULT_ADDRESSES, CertificatePaths, certificate_addresses, write_signing_key, write_tls
+from shared_model.config import FedCMRConfig, load_config
 from shared_model.errors import UserError
 from shared_model.files import atomic_write_text
 from shared_model.processes import (
@@ -327,3 +329,80 @@ def node_status(folder: ConsortiumDir) -> list[dict[str, Any]]:
     """Flower's view of every registered SuperNode (node id, status such as online/registered)."""
     answer = flwr_cli(folder, ["supernode", "list"])
     return list(answer.get("nodes", []))
+
+
+# ---------------------------------------------------------------- submitting runs
+
+APP_SOURCE = Path(__file__).resolve().parents[1]  # the FedCMR folder whose pyproject.toml holds the app
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One federation for this consortium's SuperLink: a preset (name or YAML file), the run's
+    name (its folder is runs/NAME in the consortium folder) and key=value overrides."""
+
+    preset: str
+    name: str
+    overrides: tuple[str, ...] = ()
+    resume: bool = False
+
+
+def run_folder(folder: ConsortiumDir, name: str) -> Path:
+    if not SITE_NAME.match(name):
+        raise DeploymentError(f"run name '{name}' must be letters, digits, '.', '_' or '-' (it names "
+                              "a folder under runs/)")
+    return folder.root / "runs" / name
+
+
+def resolved_request(folder: ConsortiumDir, request: RunRequest) -> tuple[str, FedCMRConfig]:
+    """The run config ``flwr run`` gets, after checking everything the server app would refuse
+    later: the preset and overrides, min_sites, the run folder (new, or resumable)."""
+    from server.run_status import RunStatus, read_outcome
+    from server.state import CHECKPOINT_FILE
+
+    run_dir = run_folder(folder, request.name)
+    preset = str(Path(request.preset).resolve()) if Path(request.preset).is_file() else request.preset
+    overrides = [*request.overrides, *(["output.resume=true"] if request.resume else [])]
+    quoted = [o for o in (preset, *overrides) if "'" in o or '"' in o]
+    if quoted:
+        raise DeploymentError(f"'{quoted[0]}': the run config cannot carry quotes; rename the file "
+                              "or drop the quotes (lists as tasks.names=[sax_seg,view])")
+    cfg = load_config(preset, [*overrides, f"output.dir={run_dir}"])
+    if cfg.federation.min_sites is None:
+        raise DeploymentError("set federation.min_sites=N: how many hospitals a round waits for")
+    if request.resume:
+        if not (run_dir / CHECKPOINT_FILE).is_file():
+            raise DeploymentError(f"{run_dir} has no checkpoint to resume from; start it without --resume")
+        outcome = read_outcome(run_dir)
+        if outcome is not None and outcome.status in (RunStatus.released, RunStatus.finished):
+            raise DeploymentError(f"{run_dir} already {outcome.status.value}; nothing to resume")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise DeploymentError(f"{run_dir} already holds a run; continue it with --resume or choose "
+                              "another --name")
+    run_config = (f"preset='{preset}' out-dir='runs/{request.name}' "
+                  f"overrides='{' '.join(overrides)}'")
+    return run_config, cfg
+
+
+def submit_run(folder: ConsortiumDir, request: RunRequest, output: TextIO | None = None) -> int:
+    """Submit the project's apps to this consortium's SuperLink (``flwr run --stream``) and pass
+    the run's log through to ``output`` until it ends; the exit status of ``flwr run``."""
+    folder.require_initialised()
+    if running_link(folder) is None:
+        raise DeploymentError(f"no SuperLink runs from {folder.root}; start it with "
+                              f"`fedcmr-server start {folder.root}`")
+    project = APP_SOURCE / "pyproject.toml"
+    if not project.is_file() or "[tool.flwr.app]" not in project.read_text():
+        raise DeploymentError(f"{APP_SOURCE} is not FedCMR's source folder (its pyproject.toml "
+                              "defines the apps); install FedCMR from its source (pip install -e .)")
+    run_config, _ = resolved_request(folder, request)
+    flwr = flower_binary("flwr")
+    env = flower_environment(flwr, {"FLWR_HOME": str(folder.flwr_home.resolve())})
+    command = [str(flwr), "run", str(APP_SOURCE), CONNECTION, "--stream", "--run-config", run_config]
+    sink = output or sys.stdout
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as process:
+        for line in process.stdout or ():
+            sink.write(line)
+            sink.flush()
+    return process.returncode

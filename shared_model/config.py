@@ -271,6 +271,10 @@ class FederationConfig:
     # round goes on with the other sites); None: the global model's size + 10 % + 1 MB (an
     # honest reply is the model's size). Flower's own gRPC limit is 2 GB.
     max_update_mb: Optional[float] = None
+    # A released foundation model (a bundle folder, on the server's machine) that federated
+    # fine-tuning starts from (its encoder, and its dense decoder if it has one) instead of
+    # this run's own pretraining (set rounds=0); "": the run's own foundation.
+    foundation: str = ""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
@@ -500,7 +504,13 @@ def validate_config(cfg: FedCMRConfig) -> None:
     _require(dino.local_crops >= 0, "ssl.dino.local_crops", "must be >= 0")
     _require(cfg.ssl.batch_size >= 1, "ssl.batch_size", "must be >= 1")
     _require(cfg.ssl.lr > 0, "ssl.lr", "must be > 0")
-    _require(cfg.federation.rounds >= 1, "federation.rounds", "must be >= 1")
+    if cfg.federation.foundation:
+        _require(cfg.federation.rounds == 0, "federation.rounds",
+                 "must be 0 when fine-tuning starts from federation.foundation (no pretraining)")
+        _require(cfg.federation.finetune_rounds >= 1 and bool(cfg.tasks.names), "federation.foundation",
+                 "needs tasks.names and federation.finetune_rounds >= 1 (what to fine-tune)")
+    else:
+        _require(cfg.federation.rounds >= 1, "federation.rounds", "must be >= 1")
     _require(cfg.federation.min_sites is None or cfg.federation.min_sites >= 1,
              "federation.min_sites", "must be >= 1")
     _require(cfg.federation.site_wait_s > 0, "federation.site_wait_s", "must be > 0 seconds")

@@ -154,6 +154,10 @@ def segmentation_metrics(task: SegmentationTask, pred: torch.Tensor, target: tor
         ids = torch.tensor(class_ids)
         frames = torch.ones(len(pred), dtype=torch.bool) if drawn is None else \
             drawn[:, [i - 1 for i in class_ids]].all(dim=1).cpu()
+        if not frames.any():  # no test frame draws this structure: undefined, not zero
+            metrics[f"dice_{name}"] = metrics[f"hd95_mm_{name}"] = math.nan
+            dices.append(math.nan)
+            continue
         p = torch.isin(pred[frames], ids).float()[:, None]
         t = torch.isin(target[frames], ids).float()[:, None]
         dice = compute_dice(p, t, include_background=True, ignore_empty=True)[:, 0]

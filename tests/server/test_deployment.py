@@ -19,6 +19,7 @@ from server import cli as server_cli
 from server.deployment import (
     ConsortiumDir,
     DeploymentError,
+    RunRequest,
     admit_node,
     init_consortium,
     running_link,
@@ -194,3 +195,66 @@ def test_a_key_is_admitted_once_and_a_revoked_key_never_again(tmp_path: Path, re
     # Execute / Assert: refused before any SuperLink is asked
     with pytest.raises(DeploymentError, match=fragment):
         admit_node(folder, key, "hospital-b")
+
+
+def _request(**change) -> RunRequest:
+    return RunRequest(**{"preset": "demo-cpu", "name": "r1", "overrides": ("federation.min_sites=2",),
+                         **change})
+
+
+def test_a_run_request_becomes_flowers_run_config(tmp_path: Path) -> None:
+    from server.deployment import resolved_request
+
+    folder = init_consortium(tmp_path / "c", "Test consortium", [])
+    run_config, cfg = resolved_request(folder, _request(overrides=("federation.min_sites=2", "federation.rounds=4")))
+    assert run_config == ("preset='demo-cpu' out-dir='runs/r1' "
+                          "overrides='federation.min_sites=2 federation.rounds=4'")
+    assert cfg.federation.rounds == 4 and cfg.output.dir == str(folder.root / "runs" / "r1")
+    # a YAML file travels as its absolute path (the server app reads it on this machine)
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("federation:\n  min_sites: 3\n")
+    run_config, cfg = resolved_request(folder, _request(preset=str(preset), overrides=()))
+    assert f"preset='{preset.resolve()}'" in run_config and cfg.federation.min_sites == 3
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"name": "../elsewhere"}, "run name"),
+    ({"overrides": ("federation.min_sites=2", "output.dir='x'")}, "cannot carry quotes"),
+    ({"overrides": ()}, "federation.min_sites=N"),
+    ({"overrides": ("federation.min_sites=2", "federation.roundz=3")}, "federation.roundz"),
+    ({"resume": True}, "no checkpoint to resume"),
+])
+def test_a_run_request_the_server_app_would_refuse_is_refused_before_it_is_sent(
+        tmp_path: Path, change: dict, fragment: str) -> None:
+    from server.deployment import resolved_request
+
+    folder = init_consortium(tmp_path / "c", "Test consortium", [])
+    with pytest.raises(UserError, match=fragment):
+        resolved_request(folder, _request(**change))
+
+
+def test_a_run_folder_is_never_reused_unless_resumed(tmp_path: Path) -> None:
+    from server.deployment import resolved_request
+    from server.state import CHECKPOINT_FILE
+
+    folder = init_consortium(tmp_path / "c", "Test consortium", [])
+    run_dir = folder.root / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / CHECKPOINT_FILE).write_bytes(b"")
+    with pytest.raises(DeploymentError, match="already holds a run; continue it with --resume"):
+        resolved_request(folder, _request())
+    run_config, _ = resolved_request(folder, _request(resume=True))
+    assert run_config.endswith("overrides='federation.min_sites=2 output.resume=true'")
+    (run_dir / "status.json").write_text('{"status": "released", "detail": ""}')
+    with pytest.raises(DeploymentError, match="already released"):
+        resolved_request(folder, _request(resume=True))
+
+
+def test_pretrain_and_finetune_need_a_running_superlink(tmp_path: Path) -> None:
+    folder = init_consortium(tmp_path / "c", "Test consortium", [])
+    model = Path(__file__).resolve().parents[2] / "models" / "fedcmr-hybrid-sunnybrook"
+    for args in (["pretrain", "demo-cpu", "federation.min_sites=2"],
+                 ["finetune", "demo-cpu", "--model", str(model), "tasks.names=[sax_seg]",
+                  "federation.finetune_rounds=1", "federation.min_sites=2"]):
+        result = CliRunner().invoke(server_cli.app, [*args, "--name", "r1", "--dir", str(folder.root)])
+        assert result.exit_code == 2 and "no SuperLink runs from" in result.output, result.output

@@ -78,3 +78,15 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     again = config_from_yaml(path.read_text(), source=str(path))
     assert again == cfg
     assert OmegaConf.create(config_to_yaml(cfg))["seed"] == 7
+
+
+def test_fine_tuning_from_a_released_foundation_has_no_pretraining_rounds() -> None:
+    base = ["federation.foundation=/srv/fedcmr/runs/r1/release", "tasks.names=[sax_seg]"]
+    cfg = load_config("demo-cpu", [*base, "federation.rounds=0", "federation.finetune_rounds=2"])
+    assert cfg.federation.rounds == 0
+    with pytest.raises(ConfigError, match="must be 0 when fine-tuning starts"):
+        load_config("demo-cpu", [*base, "federation.rounds=3", "federation.finetune_rounds=2"])
+    with pytest.raises(ConfigError, match="what to fine-tune"):
+        load_config("demo-cpu", [*base, "federation.rounds=0", "federation.finetune_rounds=0"])
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        load_config("demo-cpu", ["federation.rounds=0"])  # without a foundation: pretraining

@@ -193,3 +193,17 @@ def test_segmentation_metrics_skip_frames_that_do_not_draw_a_structure() -> None
     metrics = segmentation_metrics(task, pred, target, 1.0, drawn)
     assert metrics["dice_lv_blood"] == pytest.approx(1.0)
     assert math.isnan(metrics["dice_lv_myo"])  # frame 0 has none, frame 1 does not draw it
+
+
+def test_a_structure_no_test_frame_draws_is_undefined_not_an_error() -> None:
+    # Prepare: two frames that label only the blood pool (the myocardium drawn by none)
+    task = get_task("sax_seg")
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[:, 4:10, 4:10] = 1
+    drawn = torch.tensor([[True, False, False], [True, False, False]])
+    # Execute
+    metrics = segmentation_metrics(task, target.clone(), target, 1.0, drawn)
+    # Assert
+    assert metrics["dice_lv_blood"] == pytest.approx(1.0)
+    assert math.isnan(metrics["dice_lv_myo"]) and math.isnan(metrics["hd95_mm_lv_myo"])
+    assert metrics["dice_mean"] == pytest.approx(1.0)

@@ -118,3 +118,27 @@ def test_no_planted_phi_string_is_in_the_bytes_a_node_sends(scenario, tmp_path: 
     assert outcome.status.value == "released" and len(data) > 100_000
     hits = [v for v in planted for encoded in (v.encode(), v.encode("utf-16-le")) if encoded in data]
     assert hits == []
+
+
+def test_federated_fine_tuning_starts_from_a_released_foundation_model(scenario, tmp_path: Path) -> None:
+    # Prepare: the scenario's federated foundation model, as released
+    import torch
+
+    from shared_model.bundle import load_bundle
+    from tests.server.federation_helpers import federate
+
+    out, proc = scenario
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    foundation = load_bundle(out / "arms" / "fed-mae" / "release")
+    # Execute: fine-tuning only (no pretraining), the encoder frozen
+    _, outcome = federate(tmp_path / "run", out / "sites", 2,
+                          ["federation.rounds=0", "federation.finetune_rounds=1", "tasks.names=[sax_seg]",
+                           "tasks.steps=1", "tasks.batch_size=4", "tasks.mode=linear",
+                           f"federation.foundation={foundation.root}"])
+    # Assert: the released task model holds the foundation's encoder, unchanged
+    assert outcome.status.value == "released", outcome.detail
+    released = load_bundle(Path(outcome.detail))
+    task = released.tasks["sax_seg"]
+    encoder = {k.removeprefix("encoder."): v for k, v in task.items() if k.startswith("encoder.")}
+    assert encoder.keys() == foundation.encoder.keys()
+    assert all(torch.equal(encoder[k], foundation.encoder[k]) for k in encoder)
