@@ -1,6 +1,7 @@
 """A consortium and two hospitals on loopback, as real OS processes of the stock Flower binaries:
 ``fedcmr-server init`` / ``start`` / ``admit``, ``fedcmr-client keygen`` / ``join``, then one
-round of the project's apps submitted with ``flwr run``. Also: a node whose key was not admitted
+federation of the project's apps submitted with ``fedcmr-server pretrain`` (``flwr run``),
+paused after its first round and resumed. Also: a node whose key was not admitted
 is refused (with a key or without one), stale, future-dated and foreign-key signatures are
 refused, a node trusting another CA cannot connect, plaintext to the TLS port fails, a revoked
 node is refused, and a restarted SuperLink keeps its admissions.
@@ -253,20 +254,30 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
 
-    # Execute: one round of the project's apps, submitted to this SuperLink with `flwr run`
+    # Execute: two rounds of the project's apps, submitted to this SuperLink with
+    # `fedcmr-server pretrain` (flwr run), paused after the first as for a maintenance window
     out = folder.root / "runs" / "round-1"
-    overrides = ("ssl.local_steps=1 ssl.batch_size=8 federation.min_sites=2 federation.rounds=1 "
-                 "federation.finetune_rounds=0 device=cpu")
-    submitted = loopback.run("flwr", "run", str(REPO), "fedcmr", "--stream", "--run-config",
-                             f"out-dir='runs/round-1' overrides='{overrides}'", timeout=300,
-                             FLWR_HOME=str(folder.flwr_home))
-
-    # Assert: the run released a model trained at both hospitals, in the consortium's runs/
+    overrides = ["ssl.local_steps=1", "ssl.batch_size=8", "federation.min_sites=2", "federation.rounds=2",
+                 "federation.finetune_rounds=0", "device=cpu"]
+    submitted = loopback.run("fedcmr-server", "pretrain", "demo-cpu", *overrides, "output.stop_after_round=1",
+                             "--name", "round-1", "--dir", str(folder.root), timeout=300)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    paused = read_outcome(out)
+    assert paused is not None and paused.status == RunStatus.paused, paused
+    again = loopback.run("fedcmr-server", "pretrain", "demo-cpu", *overrides, "--name", "round-1",
+                         "--dir", str(folder.root))
+    assert again.returncode == 2 and "--resume" in again.stderr, again.stdout + again.stderr
+    # ... then resumed from its checkpoint
+    resumed = loopback.run("fedcmr-server", "pretrain", "demo-cpu", *overrides, "--name", "round-1", "--resume",
+                           "--dir", str(folder.root), timeout=300)
+
+    # Assert: the run released a model trained at both hospitals in both rounds, in the
+    # consortium's runs/
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     outcome = read_outcome(out)
     assert outcome is not None and outcome.status == RunStatus.released
     fits = [r for r in read_records(out) if r["kind"] == RecordKind.fit]
-    assert len(fits) == 1 and set(fits[0]["sites"]) == {"site-0", "site-1"}
+    assert [r["round"] for r in fits] == [1, 2] and all(set(r["sites"]) == {"site-0", "site-1"} for r in fits)
     assert (out / "release" / "encoder.safetensors").is_file()
 
     # Execute / Assert: once revoked, a hospital's key is refused like any other
