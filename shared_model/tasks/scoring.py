@@ -169,7 +169,8 @@ def segmentation_metrics(task: SegmentationTask, pred: torch.Tensor, target: tor
         metrics[f"dice_{name}"] = float(torch.nanmean(dice)) if len(dice) else math.nan
         metrics[f"hd95_mm_{name}"] = float(torch.nanmean(hd)) if len(hd) else math.nan
         dices.append(metrics[f"dice_{name}"])
-    metrics["dice_mean"] = float(np.nanmean(dices)) if dices else math.nan
+    defined = [d for d in dices if not math.isnan(d)]
+    metrics["dice_mean"] = float(np.mean(defined)) if defined else math.nan
     return metrics
 
 
