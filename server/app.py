@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
@@ -33,6 +33,7 @@ from server.state import ServerState, load_state, save_state
 from server.strategy import BudgetExceeded, PhaseInfo, PhaseStrategy, RunPaused
 from server.workflows import (
     BoundedClientManager,
+    DropoutSafeSecAggPlusWorkflow,
     Workflow,
     current_round,
     timed_evaluate_workflow,
@@ -177,11 +178,11 @@ def build_workflow(cfg: FedCMRConfig, strategy: PhaseStrategy | None = None) -> 
     fit: Workflow
     if secagg_enabled(cfg):
         sa = cfg.federation.secagg
-        fit = SecAggPlusWorkflow(num_shares=sa.num_shares,
-                                 reconstruction_threshold=sa.reconstruction_threshold,
-                                 clipping_range=sa.clipping_range,
-                                 quantization_range=sa.quantization_range,
-                                 max_weight=float(sa.max_weight), timeout=sa.timeout_s)
+        fit = DropoutSafeSecAggPlusWorkflow(num_shares=sa.num_shares,
+                                            reconstruction_threshold=sa.reconstruction_threshold,
+                                            clipping_range=sa.clipping_range,
+                                            quantization_range=sa.quantization_range,
+                                            max_weight=float(sa.max_weight), timeout=sa.timeout_s)
         if strategy is not None:
             fit = counting_halts(fit, strategy)
     else:

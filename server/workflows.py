@@ -4,7 +4,8 @@ Flower 1.42's default fit/evaluate workflows wait for replies without a timeout,
 node would stall the federation forever. These are the same steps (configure, send, receive,
 aggregate) with ``send_and_receive(..., timeout=round_timeout_s)``: a node that does not answer in
 time counts as a failure, in fit and evaluate rounds alike, and the round goes on with the
-others. SecAgg+ rounds use Flower's ``SecAggPlusWorkflow`` with its own timeout.
+others. SecAgg+ rounds use Flower's ``SecAggPlusWorkflow`` with its own timeout, with its handling
+of drop-outs fixed (:class:`DropoutSafeSecAggPlusWorkflow`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from flwr.common import Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Paramete
 from flwr.server import LegacyContext
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -120,3 +123,22 @@ def timed_evaluate_workflow(timeout_s: float) -> Workflow:
             context.history.add_metrics_distributed(server_round=server_round, metrics=metrics)
 
     return evaluate
+
+
+class DropoutSafeSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower 1.42's SecAgg+ with a node lost *during key sharing* handled on the server's side
+    (the nodes run Flower's unchanged client protocol).
+
+    Such a node's shares were never forwarded, so no survivor masked with it or holds its
+    secret; Flower still lists it as dropped at the unmask stage (``sampled - active``), every
+    survivor fails looking up its share (KeyError) and the round halts. Here only the nodes
+    whose shares went out can count as dropped later, so the round ends with the survivors'
+    sum, as it does for a node lost after key sharing.
+    """
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        state.sampled_node_ids = set(state.active_node_ids)  # whose shares were forwarded
+        for nid in state.nid_to_neighbours:
+            state.nid_to_neighbours[nid] &= state.sampled_node_ids | {nid}
+        return ok

@@ -37,9 +37,7 @@ CHECKS = (
     Check(9, "Malicious-server probes at the node"),
     Check(10, "Privacy accounting",
           "epsilon at the node after a restart, end to end with a real SuperNode process"),
-    Check(11, "Node killed and straggler",
-          "a node process killed mid-round (a silent node and too few connected sites are tested "
-          "on the round's steps)"),
+    Check(11, "Node killed and straggler"),
     Check(12, "Server crash"),
     Check(13, "Unsafe deserialisation"),
     Check(14, "Message size",

@@ -56,13 +56,19 @@ def corrupt_reply(site: int, round_: int, change: Callable[[list[np.ndarray]], l
 def drop_during_masking(site: int, round_: int | None = None) -> Mod:
     """A mod that makes one site vanish after key sharing, when it should upload masked weights
     (in every round, or in global round ``round_`` only)."""
+    return drop_at_stage(site, "collect_masked_vectors", round_)
+
+
+def drop_at_stage(site: int, stage: str, round_: int | None = None) -> Mod:
+    """A mod that makes one site vanish at a SecAgg+ stage (setup, share_keys,
+    collect_masked_vectors, unmask), in every round or in global round ``round_`` only."""
     def mod(msg: Message, context: Context, call_next):
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        if (configs is not None and configs.get("stage") == "collect_masked_vectors"
+        if (configs is not None and configs.get("stage") == stage
                 and int(context.node_config["partition-id"]) == site
                 and (round_ is None
                      or int(compat.recorddict_to_fitins(msg.content, True).config.get("round", -1)) == round_)):
-            raise ConnectionError("site went offline during masking")
+            raise ConnectionError(f"site went offline at {stage}")
         return call_next(msg, context)
     return mod
 
@@ -93,4 +99,14 @@ def record_sent(path: Path) -> Mod:
                         for item in value if isinstance(value, list) else [value]:
                             handle.write(key.encode() + (item if isinstance(item, bytes) else str(item).encode()))
         return reply
+    return mod
+
+
+def fail_plain_fit(site: int) -> Mod:
+    """A mod that makes one site fail every plain (non-SecAgg+) training round."""
+    def mod(msg: Message, context: Context, call_next):
+        if (msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records
+                and int(context.node_config["partition-id"]) == site):
+            raise ConnectionError("site went offline")
+        return call_next(msg, context)
     return mod

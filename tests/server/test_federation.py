@@ -16,7 +16,9 @@ from shared_model.weights import load_safetensors
 from shared_model.phase_models import initial_ssl_model
 from tests.server.federation_helpers import (
     corrupt_reply,
+    drop_at_stage,
     drop_during_masking,
+    fail_plain_fit,
     federate,
     make_sites,
     record_stages,
@@ -57,6 +59,27 @@ def test_secagg_round_survives_a_dropped_site(tmp_path: Path, sites3: Path) -> N
     record = read_records(tmp_path / "run")[0]
     assert record["status"] == "aggregated" and set(record["sites"]) == {"site-0", "site-1"}
     assert all(torch.isfinite(v).all() for v in _encoder(tmp_path / "run").values())
+
+
+def _worst_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.reliability(8)
+def test_a_site_lost_during_key_sharing_leaves_the_survivors_sum(tmp_path: Path, sites3: Path) -> None:
+    # Prepare / Execute: site 2 answers the key set-up, then vanishes while keys are shared (its
+    # shares never reach the others); against a plain round without site 2
+    _, secure = federate(tmp_path / "secure", sites3, 3, ["federation.rounds=1", "federation.secagg.mode=always"],
+                         extra_mods=[drop_at_stage(2, "share_keys")])
+    _, plain = federate(tmp_path / "plain", sites3, 3, ["federation.rounds=1", "federation.secagg.mode=never"],
+                        extra_mods=[fail_plain_fit(2)])
+    # Assert: aggregated from the two survivors, equal to their plain mean within SecAgg+'s
+    # quantisation (Flower alone asks the survivors for the lost site's shares and halts)
+    assert secure.status == plain.status == RunStatus.released
+    record = read_records(tmp_path / "secure")[0]
+    assert record["status"] == "aggregated" and set(record["sites"]) == {"site-0", "site-1"}
+    bound = 2 * (2 * 1.0 / 4194304) * 1000 / (2 * 16) + 1e-6
+    assert _worst_difference(_encoder(tmp_path / "secure"), _encoder(tmp_path / "plain")) < bound
 
 
 @pytest.mark.reliability(8)
