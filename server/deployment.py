@@ -362,7 +362,9 @@ def resolved_request(folder: ConsortiumDir, request: RunRequest) -> tuple[str, F
 
     run_dir = run_folder(folder, request.name)
     preset = str(Path(request.preset).resolve()) if Path(request.preset).is_file() else request.preset
-    overrides = [*request.overrides, *(["output.resume=true"] if request.resume else [])]
+    # a run stopped before its first checkpoint has nothing to continue from: it starts over
+    from_checkpoint = request.resume and (run_dir / CHECKPOINT_FILE).is_file()
+    overrides = [*request.overrides, *(["output.resume=true"] if from_checkpoint else [])]
     quoted = [o for o in (preset, *overrides) if "'" in o or '"' in o]
     if quoted:
         raise DeploymentError(f"'{quoted[0]}': the run config cannot carry quotes; rename the file "
@@ -371,8 +373,8 @@ def resolved_request(folder: ConsortiumDir, request: RunRequest) -> tuple[str, F
     if cfg.federation.min_sites is None:
         raise DeploymentError("set federation.min_sites=N: how many hospitals a round waits for")
     if request.resume:
-        if not (run_dir / CHECKPOINT_FILE).is_file():
-            raise DeploymentError(f"{run_dir} has no checkpoint to resume from; start it without --resume")
+        if not run_dir.is_dir():
+            raise DeploymentError(f"there is no run {run_dir} to resume; start it without --resume")
         outcome = read_outcome(run_dir)
         if outcome is not None and outcome.status in (RunStatus.released, RunStatus.finished):
             raise DeploymentError(f"{run_dir} already {outcome.status.value}; nothing to resume")

@@ -49,6 +49,7 @@ from flwr.supernode.fleet_http_client import FleetHttpClient
 from server.deployment import ConsortiumDir, node_status, read_registry, running_link
 from server.metrics import RecordKind, read_records
 from server.run_status import RunStatus, read_outcome
+from server.state import CHECKPOINT_FILE
 from shared_model.processes import stop_group
 from sim.sites import site_spec, write_site_frames
 
@@ -377,9 +378,11 @@ def test_three_hospitals_under_secagg_survive_a_killed_node_and_a_killed_server(
         for victim in victims:
             victim.kill()
         psutil.wait_procs(victims, timeout=30)
-        # ... the round completes with the two survivors; round 2 waits for three sites
+        # ... the round completes with the two survivors and is checkpointed; round 2 waits for
+        # three sites
         deadline = time.monotonic() + 180
-        while not [r for r in read_records(out) if r["kind"] == RecordKind.fit and r["round"] == 1]:
+        while not ((out / CHECKPOINT_FILE).is_file()
+                   and [r for r in read_records(out) if r["kind"] == RecordKind.fit and r["round"] == 1]):
             assert time.monotonic() < deadline, (loopback.root / "pretrain.log").read_text()[-3000:]
             time.sleep(1)
         # ... then the server's process is killed while it waits

@@ -222,7 +222,7 @@ def test_a_run_request_becomes_flowers_run_config(tmp_path: Path) -> None:
     ({"overrides": ("federation.min_sites=2", "output.dir='x'")}, "cannot carry quotes"),
     ({"overrides": ()}, "federation.min_sites=N"),
     ({"overrides": ("federation.min_sites=2", "federation.roundz=3")}, "federation.roundz"),
-    ({"resume": True}, "no checkpoint to resume"),
+    ({"resume": True}, "there is no run .* to resume"),
 ])
 def test_a_run_request_the_server_app_would_refuse_is_refused_before_it_is_sent(
         tmp_path: Path, change: dict, fragment: str) -> None:
@@ -240,9 +240,13 @@ def test_a_run_folder_is_never_reused_unless_resumed(tmp_path: Path) -> None:
     folder = init_consortium(tmp_path / "c", "Test consortium", [])
     run_dir = folder.root / "runs" / "r1"
     run_dir.mkdir(parents=True)
-    (run_dir / CHECKPOINT_FILE).write_bytes(b"")
+    (run_dir / "metrics.json").write_text("[]")
     with pytest.raises(DeploymentError, match="already holds a run; continue it with --resume"):
         resolved_request(folder, _request())
+    # stopped before its first checkpoint: --resume starts it over in its folder
+    run_config, _ = resolved_request(folder, _request(resume=True))
+    assert run_config.endswith("overrides='federation.min_sites=2'")
+    (run_dir / CHECKPOINT_FILE).write_bytes(b"")
     run_config, _ = resolved_request(folder, _request(resume=True))
     assert run_config.endswith("overrides='federation.min_sites=2 output.resume=true'")
     (run_dir / "status.json").write_text('{"status": "released", "detail": ""}')
