@@ -14,7 +14,9 @@
 
 ``start`` runs ``flower-superlink`` with TLS, SuperNode authentication and the state database
 on; ``admit`` / ``revoke`` register and unregister a hospital's key with Flower's own
-``flwr supernode register`` / ``unregister``. Every key private to the consortium is mode 0600.
+``flwr supernode register`` / ``unregister``; ``pretrain`` / ``finetune`` submit FedCMR's apps
+to that SuperLink with ``flwr run --stream`` into ``DIR/runs/NAME`` (:func:`submit_run`). Every
+key private to the consortium is mode 0600.
 """
 
 from __future__ import annotations
