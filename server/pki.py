@@ -73,13 +73,20 @@ def _is_ip(address: str) -> bool:
     return True
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
-             days: int) -> x509.CertificateBuilder:
+Validity = tuple[datetime.datetime, datetime.datetime]  # not before, not after (UTC)
+
+
+def valid_for(days: int) -> Validity:
+    """From five minutes ago (tolerating clock skew) to ``days`` from now."""
     now = datetime.datetime.now(datetime.timezone.utc)
+    return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
+             validity: Validity) -> x509.CertificateBuilder:
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
             .public_key(public_key).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate clock skew
-            .not_valid_after(now + datetime.timedelta(days=days)))
+            .not_valid_before(validity[0]).not_valid_after(validity[1]))
 
 
 def make_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -87,7 +94,7 @@ def make_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP384R1())
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
                          x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
-    cert = (_builder(subject, subject, key.public_key(), CA_DAYS)
+    cert = (_builder(subject, subject, key.public_key(), valid_for(CA_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
                                          key_encipherment=False, data_encipherment=False,
@@ -99,12 +106,14 @@ def make_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def make_server_certificate(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
-                            addresses: Sequence[str]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The SuperLink's TLS certificate, valid for exactly ``addresses`` (SANs)."""
+                            addresses: Sequence[str], validity: Validity | None = None,
+                            ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's TLS certificate, valid for exactly ``addresses`` (SANs), for
+    ``SERVER_DAYS`` from now unless ``validity`` says otherwise."""
     key = ec.generate_private_key(ec.SECP256R1())
     sans = subject_alternative_names(addresses)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(addresses[0]))])
-    cert = (_builder(subject, ca_cert.subject, key.public_key(), SERVER_DAYS)
+    cert = (_builder(subject, ca_cert.subject, key.public_key(), validity or valid_for(SERVER_DAYS))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -63,15 +63,22 @@ def check_port_free(host: str, port: int) -> None:
                               "or choose another with --port") from None
 
 
+def _tls_handshake(host: str, port: int, ca_cert: Path, server_name: str, timeout_s: float) -> None:
+    """One TLS handshake with ``host:port``, verified against ``ca_cert`` for ``server_name``;
+    raises what ``socket`` / ``ssl`` raise when it fails."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+            context.wrap_socket(raw, server_hostname=server_name):
+        pass
+
+
 def tls_answers(host: str, port: int, ca_cert: Path, server_name: str, timeout_s: float = 2.0) -> bool:
     """Whether ``host:port`` completes a TLS handshake with a certificate ``ca_cert`` vouches for."""
-    context = ssl.create_default_context(cafile=str(ca_cert))
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
-                context.wrap_socket(raw, server_hostname=server_name):
-            return True
+        _tls_handshake(host, port, ca_cert, server_name, timeout_s)
     except (OSError, ssl.SSLError):
         return False
+    return True
 
 
 # OpenSSL's verification codes a node can act on, and what they mean for it
@@ -88,11 +95,8 @@ def certificate_problem(host: str, port: int, ca_cert: Path, timeout_s: float = 
     yet valid, another host's, or one the CA does not vouch for), checked with Python's ``ssl``,
     the library the SuperNode's transport verifies with; None when it verifies or cannot be
     reached (a server that is not up yet is the SuperNode's to wait for)."""
-    context = ssl.create_default_context(cafile=str(ca_cert))
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
-                context.wrap_socket(raw, server_hostname=host):
-            return None
+        _tls_handshake(host, port, ca_cert, host, timeout_s)
     except ssl.SSLCertVerificationError as exc:
         reason = _VERIFY_REASONS.get(exc.verify_code)
         if reason is not None:
@@ -102,6 +106,7 @@ def certificate_problem(host: str, port: int, ca_cert: Path, timeout_s: float = 
         return f"did not complete a TLS handshake ({exc.reason or exc}); is it the consortium's TLS port?"
     except OSError:
         return None
+    return None
 
 
 def start_detached(command: Sequence[str], log_file: Path, env: Mapping[str, str],

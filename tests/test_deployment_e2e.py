@@ -106,6 +106,25 @@ class Loopback:
         return subprocess.run([str(BIN / tool), *args], env={**self.env, **env}, cwd=self.root,
                               capture_output=True, text=True, timeout=timeout)
 
+    def start_consortium(self) -> tuple[ConsortiumDir, int]:
+        """``fedcmr-server init`` and ``start`` on a free loopback port."""
+        port = _free_port()
+        folder = ConsortiumDir(self.consortium)
+        assert self.run("fedcmr-server", "init", str(folder.root)).returncode == 0
+        started = self.run("fedcmr-server", "start", str(folder.root), "--port", str(port), "--wait", "120",
+                           timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        return folder, port
+
+    def hospital(self, name: str, index: int, admit: bool = True) -> None:
+        """A hospital's key (``fedcmr-client keygen``) and store, admitted by the consortium."""
+        assert self.run("fedcmr-client", "keygen", "--out", name).returncode == 0
+        write_site_frames(self.root / name / "store", site_spec(index, 1.5, 128), num_images=16, seed=0)
+        if admit:
+            admitted = self.run("fedcmr-server", "admit", f"{name}/node-auth.key.pub", "--name", name,
+                                "--dir", str(self.consortium))
+            assert admitted.returncode == 0, admitted.stdout + admitted.stderr
+
     def join_args(self, name: str, port: int, ca: Path, site_index: int) -> list[str]:
         return ["join", "--server", f"127.0.0.1:{port}", "--ca", str(ca),
                 "--key", str(self.root / name / "node-auth.key"),
@@ -189,21 +208,11 @@ def _node_key(folder: Path) -> ec.EllipticCurvePrivateKey:
 @pytest.mark.reliability(1, 2, 3)
 def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback) -> None:
     # Prepare: the consortium's folder and SuperLink; three hospitals' keys and stores
-    port = _free_port()
-    folder = ConsortiumDir(loopback.consortium)
-    assert loopback.run("fedcmr-server", "init", str(folder.root)).returncode == 0
-    started = loopback.run("fedcmr-server", "start", str(folder.root), "--port", str(port), "--wait", "120",
-                           timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
+    folder, port = loopback.start_consortium()
     again = loopback.run("fedcmr-server", "start", str(folder.root), "--port", str(port))
     assert again.returncode == 2 and "already runs" in again.stderr, again.stdout + again.stderr
     for index, name in enumerate(("hospital-a", "hospital-b", "intruder")):
-        assert loopback.run("fedcmr-client", "keygen", "--out", name).returncode == 0
-        write_site_frames(loopback.root / name / "store", site_spec(index, 1.5, 128), num_images=16, seed=0)
-    for name in ("hospital-a", "hospital-b"):
-        admitted = loopback.run("fedcmr-server", "admit", f"{name}/node-auth.key.pub", "--name", name,
-                                "--dir", str(folder.root))
-        assert admitted.returncode == 0, admitted.stdout + admitted.stderr
+        loopback.hospital(name, index, admit=name != "intruder")
 
     # Execute: both admitted hospitals join
     for index, name in enumerate(("hospital-a", "hospital-b")):
@@ -337,19 +346,10 @@ def _serverapp_processes(folder: ConsortiumDir) -> list[psutil.Process]:
 @pytest.mark.reliability(8, 11, 12)
 def test_three_hospitals_under_secagg_survive_a_killed_node_and_a_killed_server(loopback: Loopback) -> None:
     # Prepare: a consortium with three admitted hospitals online
-    port = _free_port()
-    folder = ConsortiumDir(loopback.consortium)
-    assert loopback.run("fedcmr-server", "init", str(folder.root)).returncode == 0
-    started = loopback.run("fedcmr-server", "start", str(folder.root), "--port", str(port), "--wait", "120",
-                           timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
+    folder, port = loopback.start_consortium()
     names = ("hospital-a", "hospital-b", "hospital-c")
     for index, name in enumerate(names):
-        assert loopback.run("fedcmr-client", "keygen", "--out", name).returncode == 0
-        write_site_frames(loopback.root / name / "store", site_spec(index, 1.5, 128), num_images=16, seed=0)
-        admitted = loopback.run("fedcmr-server", "admit", f"{name}/node-auth.key.pub", "--name", name,
-                                "--dir", str(folder.root))
-        assert admitted.returncode == 0, admitted.stdout + admitted.stderr
+        loopback.hospital(name, index)
     joined = {name: loopback.join(name, port, index) for index, name in enumerate(names)}
     node_ids = {int(entry["node_id"]) for entry in read_registry(folder).values()}
     assert all(s == "online" for s in _wait_online(folder, node_ids, timeout_s=120).values())

@@ -14,16 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from flwr.proto.fleet_pb2 import RegisterNodeFleetRequest  # pylint: disable=E0611
 from flwr.supernode.fleet_http_client import FleetHttpClient
 
 from client.store import LocalStore
 from client.deployment import JoinSettings, NodeDeploymentError, generate_node_key, run_supernode
 from server.deployment import ConsortiumDir, init_consortium
-from server.pki import subject_alternative_names
+from server.pki import make_server_certificate
 from shared_model.processes import certificate_problem
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -32,17 +30,10 @@ DAY = datetime.timedelta(days=1)
 
 def _certificate(folder: ConsortiumDir, out: Path, addresses: list[str], not_before: datetime.datetime,
                  not_after: datetime.datetime) -> tuple[Path, Path]:
-    """A server certificate signed by the consortium's own CA, with the given names and validity."""
+    """A server certificate from the consortium's own CA, with the given names and validity."""
     ca_key = serialization.load_pem_private_key(folder.tls.ca_key.read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate(folder.tls.ca_cert.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, addresses[0])]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName(subject_alternative_names(addresses)), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    key, cert = make_server_certificate(ca_key, ca_cert, addresses, (not_before, not_after))  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
     (out / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (out / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
