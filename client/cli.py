@@ -107,7 +107,8 @@ def finetune(
     if arch not in ("fm", "unet"):
         raise typer.BadParameter(f"'{arch}' is not fm or unet", param_hint="--arch")
     with user_errors():
-        cfg = load_cli_config(config, [f"tasks.arch={arch}", *recipe_mode(task, arch, config),
+        cfg = load_cli_config(config, [f"tasks.arch={arch}",
+                                       *recipe_mode(task, arch, config, overrides or []),
                                        *(overrides or [])])
         bundle = model if model is not None else shipped_or_none(arch)
         report = finetune_on_store(task, bundle, store, out, cfg, label_budget, test_fraction)

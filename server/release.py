@@ -90,7 +90,8 @@ def model_card(cfg: FedCMRConfig, state: ServerState, ledger: PrivacyLedger,
         "## Model", "",
         f"- encoder preset `{preset.name}`: ViT, width {preset.embed_dim}, depth {preset.depth}, "
         f"patch {preset.patch_size} px, input {preset.image_size} px, 1 channel"
-        + (f", convolutional stem ({preset.stem_width} channels at full resolution)"
+        + (f", convolutional stem ({preset.stem_width} channels at "
+           f"{'full resolution' if preset.stem_full_res else '1/2 of the input'})"
            if preset.stem == "conv" else ""),
         f"- input grid: {preset.image_size} px of "
         f"{cfg.data.spacing_mm * cfg.data.crop_px / preset.image_size:g} mm "

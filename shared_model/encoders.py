@@ -53,7 +53,7 @@ class ConvStem(nn.Module):
 
     def __init__(self, img_size: int | tuple[int, int] = 96, patch_size: int | tuple[int, int] = 8,
                  in_chans: int = 1, embed_dim: int = 192, bias: bool = True, width: int = 16,
-                 output_fmt: str = "NCHW", **_: Any) -> None:
+                 full_res: bool = True, output_fmt: str = "NCHW", **_: Any) -> None:
         super().__init__()
         patch = patch_size[0] if isinstance(patch_size, tuple) else patch_size
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -65,12 +65,15 @@ class ConvStem(nn.Module):
         self.grid_size = (size[0] // patch, size[1] // patch)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.output_fmt = output_fmt
-        self.widths = [min(width * 2**i, 256) for i in range(levels)]
+        self.full_res = full_res
+        first = 0 if full_res else 1  # the level of the first stage (0: full resolution)
+        self.widths = [min(width * 2**i, 256) for i in range(levels - first)]
         stages: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_chans, self.widths[0], 3, 1, 1, bias=False),
                                 _group_norm(self.widths[0]), nn.GELU(),
-                                ResidualBlock(self.widths[0], self.widths[0]))]
+                                ResidualBlock(self.widths[0], self.widths[0]))] if full_res else [
+                                ResidualBlock(in_chans, self.widths[0], stride=2)]
         stages += [ResidualBlock(self.widths[i - 1], self.widths[i], stride=2)
-                   for i in range(1, levels)]
+                   for i in range(1, len(self.widths))]
         self.stages = nn.ModuleList(stages)
         self.proj = nn.Conv2d(self.widths[-1], embed_dim, 3, 2, 1, bias=bias)
         self.skips: list[torch.Tensor] = []
@@ -97,7 +100,8 @@ def model_kwargs(preset: EncoderPreset) -> dict[str, Any]:
     """What VisionTransformer takes to build the preset (its stem as a module class)."""
     kwargs = preset.timm_kwargs()
     if kwargs.pop("stem", "patch") == "conv":
-        kwargs["embed_layer"] = partial(ConvStem, width=kwargs.pop("stem_width"))
+        kwargs["embed_layer"] = partial(ConvStem, width=kwargs.pop("stem_width"),
+                                        full_res=kwargs.pop("stem_full_res", True))
     return kwargs
 
 

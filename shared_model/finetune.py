@@ -49,6 +49,11 @@ SEGMENTATION_INTENSITY = ViewSpec(size=0, gamma=(0.7, 1.5), contrast=(0.75, 1.25
                                   noise_std=0.03)
 GEOMETRY = {TaskKind.segmentation: SEGMENTATION_GEOMETRY, TaskKind.landmarks: LANDMARK_GEOMETRY}
 
+# How a randomly initialised encoder (the "scratch" baseline) fine-tunes: it has nothing to keep,
+# so everything trains, at one learning rate (layer-wise decay would slow its stem and first
+# blocks to a fraction of the head's, a handicap and not a baseline).
+SCRATCH_RECIPE = ("tasks.mode=full", "tasks.layer_decay=1.0")
+
 
 def layer_id(name: str, depth: int) -> int:
     """0 for embeddings, i + 1 for encoder block i, depth + 1 for the final norm and the head."""

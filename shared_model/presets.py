@@ -20,7 +20,10 @@ class EncoderPreset:
     # "patch": timm's linear patch embedding; "conv": a convolutional stem whose feature maps
     # at 1, 1/2, ... 1/(patch/2) of the input serve dense heads as skips (pretrained with it)
     stem: str = "patch"
-    stem_width: int = 16  # conv stem channels at full resolution, doubling per level
+    stem_width: int = 16  # conv stem channels at its first level, doubling per level
+    # the conv stem's first level: full resolution, or (as in a U-Net) half of it, where the
+    # first convolution already strides; dense decoders then finish the last level skip-free
+    stem_full_res: bool = True
 
     @property
     def grid_size(self) -> int:
@@ -34,6 +37,8 @@ class EncoderPreset:
                                       num_heads=self.num_heads)
         if self.stem != "patch":
             kwargs.update(stem=self.stem, stem_width=self.stem_width)
+            if not self.stem_full_res:
+                kwargs.update(stem_full_res=False)
         return kwargs
 
 
@@ -47,6 +52,10 @@ PRESETS: dict[str, EncoderPreset] = {
         # 1/16; dense heads take the stem's maps as skips (see shared_model.encoders.ConvStem).
         EncoderPreset("hybrid-tiny-p8-96", "fedcmr_hybrid_tiny_p8_96", 96, 8, 192, 6, 3, "conv"),
         EncoderPreset("hybrid-tiny-p16-96", "fedcmr_hybrid_tiny_p16_96", 96, 16, 192, 4, 3, "conv"),
+        # U-Net-shaped: the stem starts at 1/2 (16, 32, 64 channels at 1/2, 1/4, 1/8), the ViT
+        # runs on the 6 x 6 grid at 1/16
+        EncoderPreset("hybrid-unet-p16-96", "fedcmr_hybrid_unet_p16_96", 96, 16, 192, 6, 3, "conv",
+                      stem_full_res=False),
         # The paper's encoder: DINO ViT-S/8 at 224 px.
         EncoderPreset("vit-small-p8-224", "vit_small_patch8_224", 224, 8, 384, 12, 6),
     )

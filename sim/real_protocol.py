@@ -195,12 +195,14 @@ def run_arm(arm: str, stores: list[Path], fm: Path, work: Path, seed: int, secon
     from client.finetune import finetune_on_store, recipe_mode
     from shared_model.bundle import load_bundle
     from shared_model.config import load_config
+    from shared_model.finetune import SCRATCH_RECIPE
 
     # the node's built-in recipe: the foundation model's encoder frozen; scratch has no
-    # pretrained encoder to keep, so everything of it trains
+    # pretrained encoder to keep, so everything of it trains at one learning rate
+    recipe = {"fm": recipe_mode("sax_seg", "fm", None), "scratch": list(SCRATCH_RECIPE)}
     cfg = load_config(None, [f"seed={seed}", f"tasks.max_seconds={seconds}", "tasks.steps=100000",
                              f"tasks.arch={'unet' if arm == 'unet' else 'fm'}", f"device={device}",
-                             *(recipe_mode("sax_seg", "fm", None) if arm == "fm" else [])])
+                             *recipe.get(arm, [])])
     out = work / "runs" / f"{arm}-{seed}-{time.monotonic_ns()}"
     start: Path | None = fm
     if arm == "scratch":

@@ -55,7 +55,7 @@ from shared_model.config import (
 )
 from shared_model.encoders import get_preset
 from shared_model.errors import UserError
-from shared_model.finetune import predict_all
+from shared_model.finetune import SCRATCH_RECIPE, predict_all
 from shared_model.phase_models import initial_ssl_model, initial_task_model
 from shared_model.tasks import Task, TaskData, TaskKind, get_task
 from shared_model.tasks.models import TaskModel
@@ -355,7 +355,8 @@ def _local_job(job: LocalFinetuneJob) -> tuple[list[FinetuneRow], list[Overlay]]
             model: torch.nn.Module = build_unet(task)
         else:
             model = _task_model(plan, task, Path(encoder))
-        _, metrics = finetune_at_node(model, task, train, test, plan, device=device,
+        arm_plan = with_overrides(plan, list(SCRATCH_RECIPE)) if arm == "scratch" else plan
+        _, metrics = finetune_at_node(model, task, train, test, arm_plan, device=device,
                                       gen=make_generator(job.seed, "finetune", job.site, job.task))
         rows.append(_row(arm, task, job.budget, job.seed, FinetuneMode.local, job.site, metrics,
                          tuple(sorted(set(test.subjects)))))
@@ -458,7 +459,8 @@ def federated_finetune(cfg: FedCMRConfig, arms: dict[str, ArmResult], sites: lis
                     job = FederatedFinetuneJob(name, task, budget, seed)
                     jobs[job.label] = job
                     phases.append(PhaseSpec(FINETUNE, task, max(1, cfg.federation.finetune_rounds), job.label,
-                                            (f"seed={seed}", f"tasks.label_budget={budget}"),
+                                            (f"seed={seed}", f"tasks.label_budget={budget}",
+                                             *(SCRATCH_RECIPE if name == "scratch" else ())),
                                             str(arms[name].encoders[POOLED_SITE])))
     run_dir = out / "arms" / "federated-finetune"
     ft_cfg = with_overrides(cfg, [f"output.dir={run_dir}", *_over_all_sites(cfg, len(sites)),

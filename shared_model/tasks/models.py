@@ -125,7 +125,9 @@ class DenseDecoder(nn.Module):
         self.project = nn.ModuleList(nn.Conv2d(embed_dim, widths[-1], 1) for _ in range(num_depths))
         self.fuse = nn.Sequential(nn.GroupNorm(8, widths[-1]), nn.GELU())
         self.ups = nn.ModuleList(conv_block(widths[i + 1] + skip_widths[i], widths[i])
-                                 for i in reversed(range(levels)))
+                                 for i in reversed(range(len(skip_widths))))
+        # a stem that starts at 1/2 leaves full resolution without a skip: one more block there
+        self.last = conv_block(widths[0], widths[0]) if len(skip_widths) < levels else None
         self.out = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, images: torch.Tensor, token_maps: list[torch.Tensor],
@@ -141,6 +143,8 @@ class DenseDecoder(nn.Module):
         for up, skip in zip(self.ups, reversed(skips), strict=True):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = up(torch.cat([y, skip], dim=1))
+        if self.last is not None:
+            y = self.last(F.interpolate(y, size=images.shape[-2:], mode="bilinear", align_corners=False))
         return self.out(y)
 
 

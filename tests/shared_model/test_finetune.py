@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from shared_model.checkpoint import CheckpointError, LoopState, load_loop_state, save_loop_state
-from shared_model.config import FinetuneMode, TasksConfig
+from shared_model.config import FinetuneMode, TasksConfig, load_config
 from shared_model.encoders import build_encoder
-from shared_model.finetune import evaluate, finetune, param_groups
+from shared_model.finetune import SCRATCH_RECIPE, evaluate, finetune, param_groups
 from shared_model.privacy import DPSettings, PrivacyError, epsilon_for
 from shared_model.tasks import get_task
 from shared_model.tasks.models import build_task_model
@@ -47,6 +47,16 @@ def test_layerwise_decay_scales_encoder_blocks() -> None:
     assert scales[id(named["encoder.blocks.3.attn.qkv.weight"])] == 0.5
     assert scales[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5**4
     assert scales[id(named["encoder.pos_embed"])] == 0.5**5
+
+
+def test_scratch_baseline_trains_everything_at_one_learning_rate() -> None:
+    # the default layer-wise decay would give a random stem a seventh of the head's rate
+    default, scratch = load_config(None, []).tasks, load_config(None, list(SCRATCH_RECIPE)).tasks
+    assert scratch.mode == FinetuneMode.full and default.layer_decay < 1.0
+    model = _model()
+    groups = param_groups(model, scratch.weight_decay, scratch.layer_decay)
+    assert {g["lr_scale"] for g in groups} == {1.0}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("mode", list(FinetuneMode))

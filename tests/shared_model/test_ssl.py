@@ -140,7 +140,8 @@ def test_paper_preset_builds_and_runs_one_step() -> None:
     assert sum(p.numel() for p in model.encoder.parameters()) > 21_000_000
 
 
-def test_dense_mae_pretrains_the_decoder_that_segmentation_starts_from(tmp_path) -> None:
+@pytest.mark.parametrize("preset", ["hybrid-tiny-p8-96", "hybrid-unet-p16-96"])
+def test_dense_mae_pretrains_the_decoder_that_segmentation_starts_from(tmp_path, preset) -> None:
     from shared_model.bundle import DECODER_FILE, load_bundle, save_encoder, task_model_from_bundle
     from shared_model.config import load_config, save_resolved_config
     from shared_model.ssl import build_ssl_model
@@ -148,11 +149,14 @@ def test_dense_mae_pretrains_the_decoder_that_segmentation_starts_from(tmp_path)
     from shared_model.weights import save_safetensors, select_prefix
 
     # Prepare: a dense-MAE model after one step, written as a release bundle
-    cfg = load_config(None, ["model.preset=hybrid-tiny-p8-96", "ssl.mae.decoder=dense",
+    cfg = load_config(None, [f"model.preset={preset}", "ssl.mae.decoder=dense",
                              "tasks.decoder_width=8"])
     torch.manual_seed(0)
     model = build_ssl_model(cfg)
-    loss, stats = model.training_step(torch.rand(4, 1, 96, 96), torch.Generator().manual_seed(0))
+    images = torch.rand(4, 1, 96, 96)
+    loss, reconstruction, _ = model(images, torch.Generator().manual_seed(0))
+    assert reconstruction.shape == images.shape  # painted back at full resolution
+    loss, stats = model.training_step(images, torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and {"embed_std", "rankme"} <= set(stats)
     state = model.state_dict()

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,7 @@ def test_saved_encoder_loads_with_plain_timm(tmp_path: Path, preset: str) -> Non
         assert torch.allclose(loaded(x), encoder(x)[:, 0], atol=1e-6)  # CLS embedding
 
 
-@pytest.mark.parametrize("preset", ["hybrid-tiny-p8-96", "hybrid-tiny-p16-96"])
+@pytest.mark.parametrize("preset", ["hybrid-tiny-p8-96", "hybrid-tiny-p16-96", "hybrid-unet-p16-96"])
 def test_hybrid_encoders_load_in_plain_timm_and_give_skips(tmp_path, preset) -> None:
     import timm
 
@@ -125,7 +126,9 @@ def test_hybrid_encoders_load_in_plain_timm_and_give_skips(tmp_path, preset) -> 
     images = torch.rand(2, 1, 96, 96)
     ours = encoder(images)
     p = get_preset(preset)
-    assert [s.shape[-1] for s in encoder.skips] == [96 // 2**i for i in range(len(encoder.skips))]
+    first = 0 if p.stem_full_res else 1  # a U-Net-shaped stem starts at 1/2
+    assert [s.shape[-1] for s in encoder.skips] == [96 // 2**(i + first)
+                                                    for i in range(int(math.log2(p.patch_size)) - first)]
     save_safetensors(tmp_path / "encoder.safetensors", encoder.state_dict())
     plain = timm.create_model(p.timm_name, in_chans=1, num_classes=0,
                               checkpoint_path=str(tmp_path / "encoder.safetensors"))
