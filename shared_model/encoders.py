@@ -46,7 +46,8 @@ class ConvStem(nn.Module):
     """A convolutional patch embedding for timm's ViT (its ``embed_layer``).
 
     Stages at 1, 1/2, ... 1/(patch/2) of the input (``width`` channels, doubling, at most 256),
-    then a stride-2 convolution to the token grid at 1/patch. The stages' outputs of the last
+    or from 1/2 with ``full_res=False`` (the first convolution strides, as a U-Net's does), then
+    a stride-2 convolution to the token grid at 1/patch. The stages' outputs of the last
     forward pass stay in ``skips``: the decoder of a dense task takes them, so fine borders come
     from pretrained features rather than from a decoder trained on a few labelled frames.
     """
