@@ -66,13 +66,14 @@ class ConvStem(nn.Module):
         self.grid_size = (size[0] // patch, size[1] // patch)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.output_fmt = output_fmt
-        self.full_res = full_res
         first = 0 if full_res else 1  # the level of the first stage (0: full resolution)
         self.widths = [min(width * 2**i, 256) for i in range(levels - first)]
-        stages: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_chans, self.widths[0], 3, 1, 1, bias=False),
-                                _group_norm(self.widths[0]), nn.GELU(),
-                                ResidualBlock(self.widths[0], self.widths[0]))] if full_res else [
-                                ResidualBlock(in_chans, self.widths[0], stride=2)]
+        stage0: nn.Module = ResidualBlock(in_chans, self.widths[0], stride=2)
+        if full_res:
+            stage0 = nn.Sequential(nn.Conv2d(in_chans, self.widths[0], 3, 1, 1, bias=False),
+                                   _group_norm(self.widths[0]), nn.GELU(),
+                                   ResidualBlock(self.widths[0], self.widths[0]))
+        stages = [stage0]
         stages += [ResidualBlock(self.widths[i - 1], self.widths[i], stride=2)
                    for i in range(1, len(self.widths))]
         self.stages = nn.ModuleList(stages)
