@@ -25,6 +25,7 @@ from client.node_settings import NodePolicy, check_privacy_plan
 from shared_model.config import (
     FedCMRConfig,
     HeadSharing,
+    MAEDecoderKind,
     PrivacyMode,
     SSLMethod,
     TeacherMode,
@@ -206,10 +207,12 @@ class FedCMRClient(NumPyClient):
         optimizer = make_optimizer(model, plan.ssl.lr, plan.ssl.weight_decay)
         private = None
         if plan.privacy.mode == PrivacyMode.sample:
-            if plan.ssl.method != SSLMethod.mae:
-                raise PrivacyError("sample-level DP pretraining supports ssl.method=mae only: DINO's "
-                                   "centring and teacher mix images, so per-image clipping would "
-                                   "not bound one image's influence")
+            if plan.ssl.method != SSLMethod.mae or plan.ssl.mae.decoder != MAEDecoderKind.dense:
+                raise PrivacyError("sample-level DP pretraining supports ssl.method=mae with "
+                                   "ssl.mae.decoder=dense only: DINO's centring and teacher mix "
+                                   "images, so per-image clipping would not bound one image's "
+                                   "influence, and the token MAE's encoder drops tokens where "
+                                   "Opacus cannot follow one image's gradient")
             dp = self._dp_settings(plan)
             self._check_budget(plan, dp, plan.ssl.batch_size / len(images), plan.ssl.local_steps)
             private = make_private(model, optimizer, torch.utils.data.TensorDataset(images),

@@ -250,7 +250,12 @@ class FederationConfig:
     trim_fraction: float = 0.2  # trimmed_mean: share cut at each end
     krum_byzantine: int = 1  # krum: sites assumed faulty
     heads: HeadSharing = HeadSharing.aggregated  # task heads in fine-tuning
-    ssl_head: HeadSharing = HeadSharing.aggregated  # the SSL head (MAE decoder, DINO head)
+    # The SSL head (MAE decoder, DINO head). Aggregated: it travels with the encoder (+24 %
+    # bytes a round for hybrid-unet-p16-96) and a dense MAE's decoder is released, which
+    # segmentation heads start from. `local` sends the encoder only, but a head kept at the
+    # nodes lives in Flower's per-run node state: a paused or crashed run resumes with fresh
+    # heads, so its result is not an uninterrupted run's.
+    ssl_head: HeadSharing = HeadSharing.aggregated
     round_timeout_s: float = 600.0
     # How long a round waits for min_sites nodes to be connected (Flower's own wait is 24 h);
     # fewer by then: the round is recorded as halted, the model stays and the run pauses,
@@ -562,6 +567,14 @@ def validate_config(cfg: FedCMRConfig) -> None:
     _require(cfg.privacy.update_clip_norm > 0, "privacy.update_clip_norm", "must be > 0")
     _require(cfg.privacy.epsilon_budget is None or cfg.privacy.epsilon_budget > 0,
              "privacy.epsilon_budget", "must be > 0 (or null for no budget)")
+    # DP-SGD computes one gradient per image; Opacus can for MAE with the dense decoder (the
+    # encoder sees whole, masked images), not for the token MAE, whose encoder drops tokens
+    # inside timm's forward, nor for DINO, whose centring and teacher mix images.
+    _require(cfg.privacy.mode != PrivacyMode.sample or cfg.federation.rounds == 0
+             or (cfg.ssl.method == SSLMethod.mae and cfg.ssl.mae.decoder == MAEDecoderKind.dense),
+             "privacy.mode", "sample-level DP pretraining needs ssl.method=mae with "
+             "ssl.mae.decoder=dense (or use privacy.mode=user, which clips and noises each site's "
+             "update and takes any method)")
     fed = cfg.federation
     _require(not (secagg_enabled(cfg) and fed.aggregator in ROBUST_AGGREGATORS),
              "federation.aggregator",

@@ -344,15 +344,16 @@ def pretrain_local(model: SSLModel, images: torch.Tensor, *, steps: int, batch_s
     """
     model.train()
     prox = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
-    trained = private.model if private else model
 
     def step_fn(batch: tuple[torch.Tensor, ...], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         model.set_progress(progress)
-        loss, stats = trained.training_step(batch[0], gen)
+        # under DP too: Opacus' per-sample hooks sit on the model's own layers, and its wrapper
+        # forwards only forward(), not the objective
+        loss, stats = model.training_step(batch[0], gen)
         return (loss + prox() if prox else loss), stats
 
     batches = LoaderBatches(private.loader) if private else TensorBatches([images], batch_size, gen)
-    return run_steps(trained, batches, step_fn,
+    return run_steps(private.model if private else model, batches, step_fn,
                      optimizer=private.optimizer if private else optimizer, steps=steps,
                      base_lr=base_lr, device=device, gen=gen, span=span,
                      accumulate=1 if private else accumulate,

@@ -88,7 +88,7 @@ def test_the_server_never_plans_a_threshold_its_nodes_refuse() -> None:
 @pytest.mark.parametrize("overrides, fragment", [
     (["privacy.mode=none"], "privacy.mode is 'none'"),
     (["privacy.mode=user", "privacy.noise_multiplier=2.0"], "privacy.mode is 'user'"),
-    (["privacy.mode=sample", "privacy.noise_multiplier=0.5"], "below this node's minimum 1"),
+    (["privacy.mode=sample", "ssl.mae.decoder=dense", "privacy.noise_multiplier=0.5"], "below this node's minimum 1"),
 ])
 def test_a_plan_with_less_noise_than_the_node_requires_is_refused_before_training(
         tmp_path, overrides: list[str], fragment: str) -> None:
@@ -105,7 +105,8 @@ def test_a_plan_with_less_noise_than_the_node_requires_is_refused_before_trainin
     with pytest.raises(NodePolicyError, match=fragment):
         node.fit([], {PLAN_KEY: plan})
     # a plan with enough noise passes the check (and only then reaches the store)
-    enough = config_to_yaml(load_config("demo-cpu", ["privacy.mode=sample", "privacy.noise_multiplier=1.2"]))
+    enough = config_to_yaml(load_config("demo-cpu", ["privacy.mode=sample", "ssl.mae.decoder=dense",
+                                                          "privacy.noise_multiplier=1.2"]))
     with pytest.raises(Exception) as after:
         node.fit([], {PLAN_KEY: enough})
     assert not isinstance(after.value, NodePolicyError)

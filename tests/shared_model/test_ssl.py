@@ -121,6 +121,42 @@ def test_one_pretraining_step_per_method(method: str, signals: set[str]) -> None
         assert 0.0 < entropy <= math.log(256) + 1e-4
 
 
+@pytest.mark.parametrize("preset", ["vit-tiny-p8-64", "hybrid-unet-p16-96"])
+def test_dense_mae_pretrains_under_sample_level_dp(preset: str) -> None:
+    """DP-SGD MAE (privacy.mode=sample) with the dense decoder: Opacus clips and noises per
+    image, through the pretraining loop the nodes run."""
+    from shared_model.privacy import DPSettings, make_private
+
+    cfg = load_config("demo-cpu", ["ssl.mae.decoder=dense", f"model.preset={preset}", "privacy.mode=sample"])
+    torch.manual_seed(0)
+    model = build_ssl_model(cfg)
+    size = int(model.encoder.patch_embed.img_size[0])
+    images = torch.rand(8, 1, size, size)
+    optimizer = make_optimizer(model, 1e-3, 0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    private = make_private(model, optimizer, torch.utils.data.TensorDataset(images), 4,
+                           DPSettings(1.0, 1.0, 1e-5), make_generator(0))
+    try:
+        result = pretrain_local(model, images, steps=2, batch_size=4, optimizer=optimizer,
+                                gen=make_generator(0), device=torch.device("cpu"), base_lr=1e-3,
+                                private=private)
+        history = private.accountant_state()
+    finally:
+        private.close()
+    assert math.isfinite(result.loss_last)
+    assert sum(int(row[2]) for row in history) == 2
+    assert any(not torch.equal(before[k], model.state_dict()[k]) for k in before if k.startswith("encoder."))
+
+
+@pytest.mark.parametrize("overrides", [["ssl.method=dino"], ["ssl.mae.decoder=transformer"]])
+def test_sample_level_dp_pretraining_refuses_what_opacus_cannot_clip_per_image(overrides) -> None:
+    from shared_model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ssl.mae.decoder=dense"):
+        load_config("demo-cpu", ["privacy.mode=sample", *overrides])
+    load_config("demo-cpu", ["privacy.mode=user", *overrides])  # site-level DP takes any method
+
+
 def test_dino_teacher_is_federated_only_when_configured() -> None:
     local = build_ssl_model(load_config("demo-cpu", ["ssl.method=dino", "ssl.dino.out_dim=64"]))
     shared = build_ssl_model(load_config("demo-cpu", ["ssl.method=dino", "ssl.dino.out_dim=64",
