@@ -30,7 +30,7 @@ from client.node_settings import simulated_site_store
 from client.store import LocalStore
 from server.metrics import RecordKind, read_records
 from server.run_status import RunStatus
-from shared_model.config import load_config
+from shared_model.config import FederationConfig, load_config
 from shared_model.encoders import build_encoder, get_preset
 from shared_model.phase_models import initial_ssl_model
 from shared_model.ssl import build_ssl_model, federated_keys
@@ -123,7 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=40)
-    parser.add_argument("--ssl-head", default="aggregated", choices=["aggregated", "local"])
+    parser.add_argument("--ssl-head", default=FederationConfig.ssl_head.value, choices=["aggregated", "local"],
+                        help="the SSL head federated or kept at the sites (default: the project's default)")
     parser.add_argument("--json", type=Path, default=None, help="write the measures here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedcmr-bench-"))

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
 from server.ledger import PrivacyLedger
-from server.metrics import MetricsLog, weighted_mean
+from server.metrics import MetricsLog, RecordKind, RoundRecord, RoundStatus, weighted_mean
 from server.progress import RunProgress
 from server.release import write_release
 from server.run_status import Outcome, RunStatus, write_outcome
@@ -132,6 +132,13 @@ def run_federation(grid: Grid, context: Context, cfg: FedCMRConfig,
         for spec in phases:
             if spec.label not in state.phases_done:
                 run_phase(grid, context, cfg, spec, state, ledger, metrics, progress)
+        if idle := untrained_phases(phases, metrics.records):
+            detail = (f"no round of {', '.join(idle)} aggregated an update (every site's reply "
+                      "failed or was excluded: see metrics.json and the nodes' logs), so its model "
+                      "is the untrained start; nothing released. Fix what the sites report and "
+                      "start the run again")
+            log.error("%s", detail)
+            return write_outcome(Outcome(run_dir, RunStatus.failed, detail))
         if not release:
             return write_outcome(Outcome(run_dir, RunStatus.finished))
         bundle = write_release(run_dir, cfg, state, ledger, metrics.records)
@@ -156,6 +163,12 @@ def start_from_foundation(state: ServerState, cfg: FedCMRConfig) -> None:
                           f"the run's model.preset is {cfg.model.preset}; set model.preset={preset}")
     state.foundation = dict(bundle.encoder)
     state.decoder = dict(bundle.decoder)
+
+
+def untrained_phases(phases: list[PhaseSpec], records: list[RoundRecord]) -> list[str]:
+    """The phases (labels) that had rounds but aggregated none of them."""
+    trained = {r.phase for r in records if r.kind == RecordKind.fit and r.status == RoundStatus.aggregated}
+    return [spec.label for spec in phases if spec.rounds > 0 and spec.label not in trained]
 
 
 def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple[torch.nn.Module, list[str]]:
@@ -239,15 +252,19 @@ def run_phase(grid: Grid, context: Context, run_cfg: FedCMRConfig, spec: PhaseSp
         raise strategy.halt
     final = arrays_to_state_dict(strategy.current, keys, reference)
     model.load_state_dict({**model.state_dict(), **final})
-    _finish_phase(phase, model, state)
+    _finish_phase(phase, model, state, keys)
     save_state(Path(cfg.output.dir), state, run_cfg)
 
 
-def _finish_phase(phase: PhaseInfo, model: torch.nn.Module, state: ServerState) -> None:
+def _finish_phase(phase: PhaseInfo, model: torch.nn.Module, state: ServerState,
+                  federated: list[str]) -> None:
     weights = {k: v.detach().cpu().float().clone() for k, v in model.state_dict().items()}
     if phase.name == PRETRAIN:
         state.foundation = select_prefix(weights, "encoder.")
-        if isinstance(model, DenseMAE):  # its decoder is what dense task heads start from
+        # a dense MAE's decoder is what dense task heads start from, when it was aggregated; a
+        # decoder that stayed at the sites (federation.ssl_head=local) is not the server's to
+        # release: its copy here is the untrained initial one
+        if isinstance(model, DenseMAE) and any(k.startswith("head.") for k in federated):
             state.decoder = select_prefix(weights, "head.")
     else:
         key = phase.task if phase.label == f"{FINETUNE}:{phase.task}" else phase.label

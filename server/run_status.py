@@ -24,6 +24,9 @@ class RunStatus(StrEnum):
     # (federation.site_wait_s); continue with output.resume=true
     paused = "paused"
     stopped = "stopped"  # the next round would exceed the privacy budget; nothing released
+    # a phase ended without one aggregated round (every reply failed or was excluded): its
+    # model is the untrained start, so nothing is released
+    failed = "failed"
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def _federate(preset: str | Path, out: Path, overrides: list[str] | None, resume
     if outcome.status != RunStatus.released:
         console.print(f"federation {outcome.status} after {elapsed:.0f} s: {outcome.detail}",
                       soft_wrap=True, highlight=False)
-        if outcome.status == RunStatus.stopped:
+        if outcome.status in (RunStatus.stopped, RunStatus.failed):
             raise typer.Exit(1)
         return
     console.print(f"federation finished in {elapsed:.0f} s; outputs:")

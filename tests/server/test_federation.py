@@ -127,6 +127,23 @@ def test_bad_updates_are_excluded(tmp_path: Path, sites3: Path) -> None:
     assert all(torch.isfinite(v).all() for v in _encoder(tmp_path / "run").values())
 
 
+@pytest.mark.reliability(5)
+def test_a_run_whose_every_reply_is_excluded_releases_nothing(tmp_path: Path) -> None:
+    # Prepare: both sites send non-finite weights in the only round
+    sites = make_sites(tmp_path / "sites", 2)
+    faults = [corrupt_reply(site, 1, lambda arrays: [np.full_like(a, np.nan) for a in arrays])
+              for site in (0, 1)]
+
+    # Execute
+    _, status = federate(tmp_path / "run", sites, 2, ["federation.rounds=1", "federation.secagg.mode=never"],
+                         extra_mods=faults)
+
+    # Assert: the round is recorded as skipped, and the untrained start is not released as a model
+    assert [r["status"] for r in read_records(tmp_path / "run")] == ["skipped"]
+    assert status.status == RunStatus.failed and "no round of pretrain aggregated" in status.detail
+    assert not (tmp_path / "run" / "release").exists()
+
+
 @pytest.mark.reliability(12)
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> None:
     # Prepare: the same 2-round federation twice, once straight through, once paused after

@@ -494,3 +494,24 @@ def test_an_oversized_update_is_refused_undecoded_and_the_round_goes_on(monkeypa
     assert np.allclose(parameters_to_ndarrays(params)[0], 0.5)
     # an explicit limit in MB
     assert size_limit_bytes(2.0, GLOBAL) == 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize("ssl_head", ["aggregated", "local"])
+def test_a_dense_decoder_is_released_only_when_it_was_aggregated(ssl_head: str) -> None:
+    from server.app import PRETRAIN, _finish_phase, phase_model, plan_phases
+
+    # Prepare: the pretraining phase's dense MAE and the keys it federates
+    cfg = load_config("demo-cpu", ["model.preset=vit-tiny-p8-64", "ssl.mae.decoder=dense",
+                                   f"federation.ssl_head={ssl_head}"])
+    state = ServerState()
+    model, keys = phase_model(cfg, plan_phases(cfg)[0], state)
+
+    # Execute
+    _finish_phase(PhaseInfo(PRETRAIN, "", 1, PRETRAIN, 0, 0), model, state, keys)
+
+    # Assert: the encoder always; the decoder only when the sites' decoders were averaged (a
+    # local one's server copy is its untrained initial state)
+    assert state.foundation and PRETRAIN in state.phases_done
+    assert bool(state.decoder) == (ssl_head == "aggregated")
+    assert any(k.startswith("head.") for k in keys) == (ssl_head == "aggregated")
+
