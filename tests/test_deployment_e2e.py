@@ -1,7 +1,8 @@
 """A consortium and two hospitals on loopback, as real OS processes of the stock Flower binaries:
 ``fedcmr-server init`` / ``start`` / ``admit``, ``fedcmr-client keygen`` / ``join``, then one
-federation of the project's apps submitted with ``fedcmr-server pretrain`` (``flwr run``),
-paused after its first round and resumed. Also: a node whose key was not admitted
+federation of the project's apps under sample-level DP submitted with ``fedcmr-server pretrain``
+(``flwr run``), paused after its first round, one hospital's node restarted, and resumed: that
+node's own accountant counts both rounds, its epsilon that of an uninterrupted run. Also: a node whose key was not admitted
 is refused (with a key or without one), stale, future-dated and foreign-key signatures are
 refused, a node trusting another CA cannot connect, plaintext to the TLS port fails, a revoked
 node is refused, and a restarted SuperLink keeps its admissions. Then three hospitals under
@@ -46,10 +47,12 @@ from flwr.supercore.interceptors.http.utils import add_headers
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 from flwr.supernode.fleet_http_client import FleetHttpClient
 
+from client.node_privacy import ACCOUNTANT_FILE, NodeAccountant
 from server.deployment import ConsortiumDir, node_status, read_registry, running_link
 from server.metrics import RecordKind, read_records
 from server.run_status import RunStatus, read_outcome
 from server.state import CHECKPOINT_FILE
+from shared_model.privacy import epsilon_for
 from shared_model.processes import stop_group
 from sim.sites import site_spec, write_site_frames
 
@@ -205,7 +208,7 @@ def _node_key(folder: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-@pytest.mark.reliability(1, 2, 3)
+@pytest.mark.reliability(1, 2, 3, 10)
 def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback) -> None:
     # Prepare: the consortium's folder and SuperLink; three hospitals' keys and stores
     folder, port = loopback.start_consortium()
@@ -270,11 +273,12 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
 
-    # Execute: two rounds of the project's apps, submitted to this SuperLink with
-    # `fedcmr-server pretrain` (flwr run), paused after the first as for a maintenance window
+    # Execute: two rounds of the project's apps under sample-level DP, submitted to this
+    # SuperLink with `fedcmr-server pretrain` (flwr run), paused after the first as for a
+    # maintenance window
     out = folder.root / "runs" / "round-1"
     overrides = ["ssl.local_steps=1", "ssl.batch_size=8", "federation.min_sites=2", "federation.rounds=2",
-                 "federation.finetune_rounds=0", "device=cpu"]
+                 "federation.finetune_rounds=0", "privacy.mode=sample", "ssl.mae.decoder=dense", "device=cpu"]
     submitted = loopback.run("fedcmr-server", "pretrain", "demo-cpu", *overrides, "output.stop_after_round=1",
                              "--name", "round-1", "--dir", str(folder.root), timeout=300)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
@@ -283,6 +287,14 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     again = loopback.run("fedcmr-server", "pretrain", "demo-cpu", *overrides, "--name", "round-1",
                          "--dir", str(folder.root))
     assert again.returncode == 2 and "--resume" in again.stderr, again.stdout + again.stderr
+    # ... hospital-a's node restarted in the window (its SuperNode a new process) ...
+    accountant = loopback.root / "hospital-a" / "store" / "node-state" / ACCOUNTANT_FILE
+    after_round_1 = NodeAccountant(accountant).history()
+    first_a = loopback.nodes[0]
+    first_a.terminate()
+    assert first_a.wait(timeout=60) is not None
+    loopback.join("hospital-a", port, 0)
+    assert all(s == "online" for s in _wait_online(folder, node_ids, timeout_s=90).values())
     # ... then resumed from its checkpoint
     resumed = loopback.run("fedcmr-server", "pretrain", "demo-cpu", *overrides, "--name", "round-1", "--resume",
                            "--dir", str(folder.root), timeout=300)
@@ -295,6 +307,16 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     fits = [r for r in read_records(out) if r["kind"] == RecordKind.fit]
     assert [r["round"] for r in fits] == [1, 2] and all(set(r["sites"]) == {"site-0", "site-1"} for r in fits)
     assert (out / "release" / "encoder.safetensors").is_file()
+
+    # Assert (check 10): the restarted node's own accountant counts both rounds, and its epsilon
+    # is that of the same two DP rounds run without a restart (one step each, noise 1.0)
+    assert len(after_round_1) == 1 and after_round_1[0][0] == 1.0 and after_round_1[0][2] == 1, after_round_1
+    rate = after_round_1[0][1]
+    rows = NodeAccountant(accountant).history()
+    assert sum(int(row[2]) for row in rows) == 2 and {(n, q) for n, q, _ in rows} == {(1.0, rate)}, rows
+    uninterrupted = epsilon_for([[1.0, rate, 2]], 1e-5, "prv")
+    assert NodeAccountant(accountant).epsilon(1e-5) == pytest.approx(uninterrupted, rel=1e-6)
+    assert uninterrupted > epsilon_for(after_round_1, 1e-5, "prv")
 
     # Execute / Assert: once revoked, a hospital's key is refused like any other
     revoked = loopback.run("fedcmr-server", "revoke", "hospital-b", "--dir", str(folder.root))
@@ -314,7 +336,7 @@ def test_two_hospitals_join_a_tls_consortium_and_run_a_round(loopback: Loopback)
     assert known[int(registry["hospital-b"]["node_id"])] == "unregistered", known
 
     # Execute / Assert: SIGTERM to `fedcmr-client join` stops its SuperNode and what that started
-    hospital_a = loopback.nodes[0]
+    hospital_a = loopback.nodes[-1]  # the restarted hospital-a
     below = psutil.Process(hospital_a.pid).children(recursive=True)
     assert any("flower-supernode" in " ".join(p.cmdline()) for p in below)
     hospital_a.terminate()
