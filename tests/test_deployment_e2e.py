@@ -2,14 +2,14 @@
 ``fedcmr-server init`` / ``start`` / ``admit``, ``fedcmr-client keygen`` / ``join``, then one
 federation of the project's apps under sample-level DP submitted with ``fedcmr-server pretrain``
 (``flwr run``), paused after its first round, one hospital's node restarted, and resumed: that
-node's own accountant counts both rounds, its epsilon that of an uninterrupted run. Also: a node whose key was not admitted
-is refused (with a key or without one), stale, future-dated and foreign-key signatures are
-refused, a node trusting another CA cannot connect, plaintext to the TLS port fails, a revoked
-node is refused, and a restarted SuperLink keeps its admissions. Then three hospitals under
-SecAgg+: one killed (SIGKILL) once it has shared its keys, the round ends with the survivors'
-sum; the server's process killed while it waits for the next round; the hospital restarted and
-the run resumed with `fedcmr-server pretrain --resume`, all three in round 2; the exported
-encoder loads in timm.
+node's own accountant counts both rounds, its epsilon that of an uninterrupted run. Also: a
+node whose key was not admitted is refused (with a key or without one), stale, future-dated
+and foreign-key signatures are refused, a node trusting another CA cannot connect, plaintext
+to the TLS port fails, a revoked node is refused, and a restarted SuperLink keeps its
+admissions. Then three hospitals under SecAgg+: one killed (SIGKILL) once it has shared its
+keys, the round ends with the survivors' sum; the server's process killed while it waits for
+the next round; the hospital restarted and the run resumed with `fedcmr-server pretrain
+--resume`, all three in round 2; the exported encoder loads in timm.
 
 Marked ``e2e`` (``make e2e``); about 3 and 5 min on 2 CPU cores shared with other work.
 """
