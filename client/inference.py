@@ -13,7 +13,9 @@ node
    trained on) around that centre from each frame, normalises it as the store does, and
    segments it (probabilities averaged over flips);
 3. samples the class probabilities back at the centres of the frame's own pixels and takes the
-   most likely class, so the mask has the input's matrix exactly.
+   most likely class, so the mask has the input's matrix exactly; each class keeps its largest
+   region, and a cavity class (the task's ``convex`` classes: the LV blood pool) becomes the
+   convex region around it, as its expert contour runs around the papillary muscles.
 
 Functions here see pixel arrays and spacings only; the readers of DICOM and nnU-Net inputs
 live in :mod:`client.predict_inputs`.
@@ -60,6 +62,7 @@ class Segmenter:
     grid: ModelGrid
     device: torch.device
     flips: bool = True  # average the probabilities over horizontal/vertical flips
+    convex_classes: tuple[int, ...] = ()  # classes drawn as their region's convex hull
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,7 +221,37 @@ def segment_stack(segmenter: Segmenter, frames: Sequence[np.ndarray],
         for i, window_probs in enumerate(probs):
             labels = probabilities_to_frame(window_probs, centre, frames[0].shape, spacing,
                                             grid).argmax(dim=0).numpy().astype(np.uint8)
-            out[start + i] = keep_largest_per_class(labels) if keep_largest else labels
+            out[start + i] = clean_labels(labels, segmenter.convex_classes) if keep_largest else labels
+    return out
+
+
+def clean_labels(labels: np.ndarray, convex_classes: Sequence[int] = ()) -> np.ndarray:
+    """One frame's class map as predictions are delivered: each class its largest region, a
+    ``convex_classes`` class the convex region around it."""
+    labels = keep_largest_per_class(labels)
+    for value in convex_classes:
+        labels[convex_hull(labels == value)] = value
+    return labels
+
+
+def convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The pixels whose centres lie in the convex hull of ``mask``'s pixel centres (the mask
+    itself when it has fewer than three pixels or they lie on a line)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    points = np.argwhere(mask)
+    if len(points) < 3:
+        return mask
+    try:
+        facets = ConvexHull(points).equations  # (F, 3): normal . p + offset <= 0 inside
+    except QhullError:
+        return mask
+    (r0, c0), (r1, c1) = points.min(axis=0), points.max(axis=0) + 1
+    rows, cols = np.mgrid[r0:r1, c0:c1]
+    box = np.stack([rows.ravel(), cols.ravel()], axis=1).astype(np.float64)
+    inside = np.all(box @ facets[:, :2].T + facets[:, 2] <= 1e-9, axis=1).reshape(rows.shape)
+    out = mask.copy()
+    out[r0:r1, c0:c1] |= inside
     return out
 
 

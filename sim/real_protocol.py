@@ -223,7 +223,8 @@ def segmenter_for(bundle: Path, device: str = "cpu"):  # noqa: ANN201 - client.i
 
     loaded = load_bundle(bundle)
     model = task_model_from_bundle(loaded, get_task("sax_seg"), require_head=True)
-    return Segmenter(model, model_grid(loaded.config), torch.device(device))
+    return Segmenter(model, model_grid(loaded.config), torch.device(device),
+                     convex_classes=get_task("sax_seg").convex_classes)
 
 
 def predictions(bundle: Path, tests: HeldOut) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -199,10 +199,18 @@ class SegmentationTask(Task):
     views: tuple[str, ...] = ()
     classes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     structures: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # classes drawn as one convex region in predictions (client.inference): a cavity whose
+    # expert contour runs smoothly around the papillary muscles and trabeculae within it
+    convex: tuple[str, ...] = ()
 
     @property
     def num_outputs(self) -> int:
         return len(self.classes) + 1
+
+    @property
+    def convex_classes(self) -> tuple[int, ...]:
+        names = [name for name, _ in self.classes]
+        return tuple(names.index(name) + 1 for name in self.convex)
 
     @property
     def structure_classes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:

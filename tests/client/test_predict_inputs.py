@@ -11,7 +11,7 @@ import pydicom
 import pytest
 import torch
 
-from client.inference import ModelGrid, Segmenter, locate_heart, segment_stack
+from client.inference import ModelGrid, Segmenter, convex_hull, locate_heart, segment_stack
 from client.predict_inputs import nifti_affine, predict_dicom, predict_nnunet, read_dicom_stacks, stack_grid
 from shared_model.tasks import get_task
 from tests.client.dicom_factory import write_cine_series
@@ -82,6 +82,38 @@ def test_a_bigger_bright_region_at_the_edge_does_not_pull_the_window_off_the_hea
     # Assert: within a quarter window of the image centre the window stays where the store cuts it
     assert centre == ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
     assert _dice(labels[0] == 1, heart) > 0.9
+
+
+def test_convex_hull_fills_a_notch_and_leaves_degenerate_masks() -> None:
+    crescent = _disc((40, 40), (20.0, 20.0), 10.0) & ~_disc((40, 40), (20.0, 27.0), 6.0)
+    hull = convex_hull(crescent)
+    assert (hull >= crescent).all() and hull.sum() > crescent.sum() + 30
+    assert hull[20, 24] and not crescent[20, 24]  # the notch, inside the hull
+    assert not hull[0, 0] and not hull[20, 35]  # outside the disc stays outside
+    line = np.zeros((10, 10), dtype=bool)
+    line[2, 1:8] = True
+    assert (convex_hull(line) == line).all()
+    assert (convex_hull(np.zeros((5, 5), dtype=bool)) == 0).all()
+
+
+def test_a_convex_class_is_drawn_around_what_the_model_cut_out_of_it() -> None:
+    # Prepare: a bright cavity with a dark papillary muscle at its edge, which the stand-in
+    # model (bright = class 1) leaves out
+    shape = (120, 120)
+    cavity = _disc(shape, (60.0, 60.0), 12.0)
+    muscle = _disc(shape, (60.0, 70.0), 4.0) & cavity
+    frame = np.random.default_rng(0).normal(100, 5, size=shape).astype(np.float32)
+    frame[cavity & ~muscle] += 800
+
+    # Execute
+    plain = segment_stack(_segmenter(), [frame], (1.0, 1.0))[0] == 1
+    cavity_task = Segmenter(BrightIsBloodPool(), GRID, torch.device("cpu"),
+                            convex_classes=get_task("sax_seg").convex_classes)
+    convex = segment_stack(cavity_task, [frame], (1.0, 1.0))[0] == 1
+
+    # Assert: sax_seg's LV blood pool (class 1) is its region's convex hull
+    assert get_task("sax_seg").convex_classes == (1,)
+    assert _dice(convex, cavity) > _dice(plain, cavity) + 0.02 and _dice(convex, cavity) > 0.95
 
 
 def _nnunet_folder(root: Path) -> dict[str, np.ndarray]:
