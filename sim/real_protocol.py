@@ -221,10 +221,14 @@ def segmenter_for(bundle: Path, device: str = "cpu"):  # noqa: ANN201 - client.i
     from shared_model.bundle import load_bundle, task_model_from_bundle
     from shared_model.tasks import get_task
 
+    from shared_model.tasks.base import SegmentationTask
+
     loaded = load_bundle(bundle)
-    model = task_model_from_bundle(loaded, get_task("sax_seg"), require_head=True)
+    task = get_task("sax_seg")
+    assert isinstance(task, SegmentationTask)
+    model = task_model_from_bundle(loaded, task, require_head=True)
     return Segmenter(model, model_grid(loaded.config), torch.device(device),
-                     convex_classes=get_task("sax_seg").convex_classes)
+                     convex_classes=task.convex_classes)
 
 
 def predictions(bundle: Path, tests: HeldOut) -> tuple[list[np.ndarray], list[np.ndarray]]:
