@@ -116,6 +116,24 @@ def test_a_convex_class_is_drawn_around_what_the_model_cut_out_of_it() -> None:
     assert _dice(convex, cavity) > _dice(plain, cavity) + 0.02 and _dice(convex, cavity) > 0.95
 
 
+def test_two_cavities_run_together_are_not_drawn_as_one_hull() -> None:
+    # Prepare: two bright cavities side by side joined by a thin bright bridge (a model that
+    # took the RV with the LV): one region, far from convex
+    shape = (120, 120)
+    both = _disc(shape, (60.0, 40.0), 12.0) | _disc(shape, (60.0, 84.0), 12.0)
+    both[59:62, 40:84] = True
+    frame = np.random.default_rng(0).normal(100, 5, size=shape).astype(np.float32)
+    frame[both] += 800
+    cavity_task = Segmenter(BrightIsBloodPool(), GRID, torch.device("cpu"),
+                            convex_classes=get_task("sax_seg").convex_classes)
+
+    # Execute
+    labels = segment_stack(cavity_task, [frame], (1.0, 1.0))[0] == 1
+
+    # Assert: the region stays as predicted; its hull would take the space between them
+    assert _dice(labels, both) > 0.9 and not labels[52, 62] and convex_hull(both)[52, 62]
+
+
 def _nnunet_folder(root: Path) -> dict[str, np.ndarray]:
     truths = {}
     (root / "imagesTs").mkdir(parents=True)
