@@ -48,7 +48,6 @@ from shared_model.tasks import (
     UnknownTaskError,
     get_task,
 )
-from shared_model.tasks.base import SegmentationTask
 from shared_model.train import CheckpointPolicy, make_generator, resolve_device
 
 
@@ -315,8 +314,7 @@ def _write_mask(model: torch.nn.Module, task: Task, series: SeriesData, size: in
     store_size = series.images.shape[-1]
     full = F.interpolate(labels[:, None].float(), size=(store_size, store_size),
                          mode="nearest-exact")[:, 0].to(torch.uint8).numpy()
-    convex = task.convex_classes if isinstance(task, SegmentationTask) else ()
-    full = np.stack([clean_labels(frame, convex) for frame in full])  # as `predict` on raw inputs
+    full = np.stack([clean_labels(frame, task.convex_classes) for frame in full])  # as `predict` on raw inputs
     values = np.zeros(len(task.classes) + 1, dtype=np.uint8)  # type: ignore[attr-defined]
     for i, (_, mask_values) in enumerate(task.classes, start=1):  # type: ignore[attr-defined]
         values[i] = mask_values[0]

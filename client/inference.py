@@ -239,7 +239,7 @@ def clean_labels(labels: np.ndarray, convex_classes: Sequence[int] = ()) -> np.n
     for value in convex_classes:
         region = labels == value
         hull = convex_hull(region)
-        if region.any() and region.sum() >= MIN_SOLIDITY * hull.sum():
+        if region.sum() >= MIN_SOLIDITY * hull.sum():
             labels[hull] = value
     return labels
 

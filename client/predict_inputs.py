@@ -357,7 +357,6 @@ def predict_input(task_name: str, bundle_path: Path, src: Path, out: Path,
     from client.finetune import predict_on_store
     from shared_model.bundle import load_bundle, task_model_from_bundle
     from shared_model.tasks import TaskKind, get_task
-    from shared_model.tasks.base import SegmentationTask
     from shared_model.train import resolve_device
 
     kind = detect_input(src)
@@ -370,6 +369,6 @@ def predict_input(task_name: str, bundle_path: Path, src: Path, out: Path,
     bundle = load_bundle(bundle_path)
     model = task_model_from_bundle(bundle, task, require_head=True)
     segmenter = Segmenter(model, model_grid(bundle.config), resolve_device(device_name),
-                          convex_classes=task.convex_classes if isinstance(task, SegmentationTask) else ())
+                          convex_classes=task.convex_classes)
     run = predict_nnunet if kind == "nnunet" else predict_dicom
     return kind, run(segmenter, task, src, out)

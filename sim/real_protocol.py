@@ -220,11 +220,9 @@ def segmenter_for(bundle: Path, device: str = "cpu"):  # noqa: ANN201 - client.i
     from client.predict_inputs import model_grid
     from shared_model.bundle import load_bundle, task_model_from_bundle
     from shared_model.tasks import get_task
-    from shared_model.tasks.base import SegmentationTask
 
     loaded = load_bundle(bundle)
     task = get_task("sax_seg")
-    assert isinstance(task, SegmentationTask)
     model = task_model_from_bundle(loaded, task, require_head=True)
     return Segmenter(model, model_grid(loaded.config), torch.device(device),
                      convex_classes=task.convex_classes)

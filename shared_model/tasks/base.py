@@ -153,6 +153,11 @@ class Task:
     def num_outputs(self) -> int:
         raise NotImplementedError
 
+    @property
+    def convex_classes(self) -> tuple[int, ...]:
+        """Output classes that predictions draw as one convex region (segmentation only)."""
+        return ()
+
 
 @dataclass(frozen=True)
 class FrameClassificationTask(Task):
