@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 PLAN: dict[str, list[str]] = {
     "intake_speed": ["--repeats", "4"],
     "cohort_speed": [],
-    "federation_cost": ["--rounds", "4"],
+    "federation_cost": ["--rounds", "5"],
     "scale": ["--sizes", "8", "32"],
     "sunnybrook_fewshot": ["--budgets", "1", "3", "--seeds", "3", "--seconds", "60"],
 }

@@ -1,20 +1,21 @@
 """What a node does in each phase of a federation: pretrain, fine-tune, evaluate.
 
 The server's plan says what to train; the node's store says on what. Anything a node keeps
-between rounds (a DINO teacher in local-EMA mode, task heads kept local for personalisation, its
-DP accountant history) lives in the Flower Context's state, never in module globals.
+between rounds (an SSL head that stays local, a DINO teacher in local-EMA mode, task heads kept
+local for personalisation, the run's DP history) lives in the node's state folder, one snapshot
+per run and round (``client.run_local``), so a resumed run continues exactly; never in module
+globals.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.common import Scalar
 
@@ -22,6 +23,7 @@ from client.finetune import held_out, series_from_store, task_series
 from client.store import LocalStore
 from client.node_privacy import ACCOUNTANT_FILE, NodeAccountant
 from client.node_settings import NodePolicy, check_privacy_plan
+from client.run_local import RunLocalState, Snapshot
 from shared_model.config import (
     FedCMRConfig,
     HeadSharing,
@@ -30,6 +32,7 @@ from shared_model.config import (
     TeacherMode,
     config_from_yaml,
     secagg_enabled,
+    ssl_head_stays_local,
 )
 from shared_model.encoders import Encoder, get_preset
 from shared_model.finetune import evaluate, finetune
@@ -49,6 +52,7 @@ from shared_model.wire import (
     PLAN_KEY,
     PRETRAIN,
     ROUND_KEY,
+    RUN_KEY,
     SPAN_END_KEY,
     SPAN_START_KEY,
     TASK_KEY,
@@ -57,10 +61,9 @@ from shared_model.wire import (
 
 FitReply = tuple[list[np.ndarray], int, dict[str, Scalar]]  # weights, example count, metrics
 
-STATE_TEACHER = "fedcmr.dino_teacher"
-STATE_HEAD = "fedcmr.head."
-STATE_DP = "fedcmr.dp"
-STATE_SSL_HEAD = "fedcmr.ssl_head"
+LOCAL_TEACHER = "teacher"
+LOCAL_HEAD = "head/"  # + task name
+LOCAL_SSL_HEAD = "ssl_head"
 
 
 class BudgetError(RuntimeError):
@@ -152,12 +155,18 @@ class FedCMRClient(NumPyClient):
         self.store_path = store
         self.policy = policy
         # the node's own accountant, across runs and restarts (client.node_privacy)
-        self.accountant_path = (node_state if node_state is not None else store / "node-state") / ACCOUNTANT_FILE
+        self.node_state = node_state if node_state is not None else store / "node-state"
+        self.accountant_path = self.node_state / ACCOUNTANT_FILE
         # "cuda:0,cuda:1": local pretraining runs data-parallel over those devices (torch DDP)
         self.devices = [d.strip() for d in device.split(",") if d.strip()] or ["auto"]
         self.device = resolve_device(self.devices[0])
         self.site_index = site_index
         self.context = context
+        self.local = Snapshot()  # what this node kept from earlier rounds of the run
+
+    def _run_local(self, config: Mapping[str, object]) -> RunLocalState:
+        token = config.get(RUN_KEY)
+        return RunLocalState(self.node_state, str(token) if token else f"flower-{self.context.run_id}")
 
     # ------------------------------------------------------------------ Flower entry points
 
@@ -169,20 +178,27 @@ class FedCMRClient(NumPyClient):
         plan = plan_from_config(config)
         check_privacy_plan(plan.privacy.mode.value, plan.privacy.noise_multiplier, self.policy)
         span = Span(float(config.get(SPAN_START_KEY, 0.0)), float(config.get(SPAN_END_KEY, 1.0)))
-        gen = make_generator(plan.seed, "site", self.site_index, "round", int(config.get(ROUND_KEY, 0)))
+        global_round = int(config.get(ROUND_KEY, 0))
+        gen = make_generator(plan.seed, "site", self.site_index, "round", global_round)
         mu = float(config.get("proximal_mu", 0.0))
+        local = self._run_local(config)
+        self.local = local.load(global_round - 1)
         if config.get(PHASE_KEY) == FINETUNE:
-            return self._finetune(parameters, plan, get_task(str(config[TASK_KEY])), span, gen, mu)
-        if config.get(PHASE_KEY, PRETRAIN) == PRETRAIN:
-            probe = plan.ssl.probe_every > 0 and (
-                int(config.get(ROUND_KEY, 0)) % plan.ssl.probe_every == 0 or span.end >= 1.0)
-            return self._pretrain(parameters, plan, span, gen, mu, probe)
-        raise ValueError(f"unknown phase {config.get(PHASE_KEY)!r}")
+            reply = self._finetune(parameters, plan, get_task(str(config[TASK_KEY])), span, gen, mu)
+        elif config.get(PHASE_KEY, PRETRAIN) == PRETRAIN:
+            probe = plan.ssl.probe_every > 0 and (global_round % plan.ssl.probe_every == 0 or span.end >= 1.0)
+            reply = self._pretrain(parameters, plan, span, gen, mu, probe)
+        else:
+            raise ValueError(f"unknown phase {config.get(PHASE_KEY)!r}")
+        if self.local.groups or self.local.dp_history:
+            local.save(global_round, self.local)
+        return reply
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]
                  ) -> tuple[float, int, dict[str, Scalar]]:
         plan = plan_from_config(config)
         task = get_task(str(config[TASK_KEY]))
+        self.local = self._run_local(config).load(int(config.get(ROUND_KEY, 0)))
         model = self._task_model(parameters, plan, task)
         _, test = self._split(plan, task)
         metrics = evaluate(model, task, test, self.device)
@@ -194,11 +210,12 @@ class FedCMRClient(NumPyClient):
     def _pretrain(self, parameters: list[np.ndarray], plan: FedCMRConfig, span: Span,
                   gen: torch.Generator, mu: float, probe: bool = False) -> FitReply:
         model = initial_ssl_model(plan)  # the server's initial weights, for whatever stays local
-        local_head = plan.federation.ssl_head == HeadSharing.local
+        local_head = ssl_head_stays_local(plan)
         keys = federated_keys(model, local_head)
         load_into(model, {**model.state_dict(), **arrays_to_state_dict(parameters, keys, model.state_dict())},
                   "global weights")
-        self._restore_local(model, STATE_SSL_HEAD, "head.", local_head)
+        if local_head:
+            self._restore_local(model, LOCAL_SSL_HEAD)
         self._restore_teacher(model, plan)
         model.to(self.device)
         store = LocalStore.open(self.store_path)
@@ -229,7 +246,7 @@ class FedCMRClient(NumPyClient):
                 private.close()
         self._keep_teacher(model, plan)
         if local_head:
-            self._keep_local(model, STATE_SSL_HEAD, "head.")
+            self._keep_local(model, LOCAL_SSL_HEAD, "head.")
         metrics = {**asdict(result), **result.stats, "num_images": len(images)}
         if probe and isinstance(model.encoder, Encoder):
             metrics.update(blood_pool_probe(model.encoder, store, plan))
@@ -248,8 +265,7 @@ class FedCMRClient(NumPyClient):
         result = finetune(model, task, train, plan.tasks, gen=gen, device=self.device, span=span,
                           dp=dp, dp_history=self._dp_history() if dp else None, proximal_mu=mu)
         if plan.federation.heads == HeadSharing.local:
-            self.context.state.array_records[STATE_HEAD + task.name] = ArrayRecord(
-                torch_state_dict={k: v.detach().cpu() for k, v in model.head.state_dict().items()})
+            self._keep_local(model, LOCAL_HEAD + task.name, "head.")
         metrics = {**asdict(result.local), "num_samples": len(train)}
         if dp is not None and result.dp_history is not None:
             metrics.update(self._record_dp(result.dp_history, plan))
@@ -279,38 +295,34 @@ class FedCMRClient(NumPyClient):
         keys = task_keys(model, plan)
         load_into(model, {**model.state_dict(), **arrays_to_state_dict(parameters, keys, model.state_dict())},
                   "global weights")
-        local_head = self.context.state.array_records.get(STATE_HEAD + task.name)
-        if plan.federation.heads == HeadSharing.local and local_head is not None:
-            load_into(model.head, local_head.to_torch_state_dict(), "local head")
+        if plan.federation.heads == HeadSharing.local:
+            self._restore_local(model, LOCAL_HEAD + task.name)
         return model
 
-    def _restore_local(self, model: torch.nn.Module, key: str, prefix: str, enabled: bool) -> None:
-        """Weights this node keeps between rounds (seeded initial ones in the first round)."""
-        saved = self.context.state.array_records.get(key)
-        if enabled and saved is not None:
-            load_into(model, {**model.state_dict(), **saved.to_torch_state_dict()}, f"local {prefix}*")
+    def _restore_local(self, model: torch.nn.Module, group: str) -> bool:
+        """Weights this node kept from an earlier round (the model keeps its seeded initial ones
+        where there are none yet); whether there were."""
+        saved = self.local.groups.get(group)
+        if saved is not None:
+            load_into(model, {**model.state_dict(), **saved}, f"local weights '{group}'")
+        return saved is not None
 
-    def _keep_local(self, model: torch.nn.Module, key: str, prefix: str) -> None:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(prefix)}
-        self.context.state.array_records[key] = ArrayRecord(torch_state_dict=state)
+    def _keep_local(self, model: torch.nn.Module, group: str, *prefixes: str) -> None:
+        self.local.groups[group] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                                    if k.startswith(prefixes)}
 
     def _restore_teacher(self, model: SSLModel, plan: FedCMRConfig) -> None:
         """DINO local-EMA: continue this node's teacher; the first round starts it from the student."""
         if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher != TeacherMode.local_ema:
             return
-        saved = self.context.state.array_records.get(STATE_TEACHER)
-        if saved is None:
+        if not self._restore_local(model, LOCAL_TEACHER):
             assert isinstance(model, DINO)
             model.reset_teacher()
-        else:
-            load_into(model, {**model.state_dict(), **saved.to_torch_state_dict()}, "local teacher")
 
     def _keep_teacher(self, model: torch.nn.Module, plan: FedCMRConfig) -> None:
         if plan.ssl.method != SSLMethod.dino or plan.ssl.dino.teacher != TeacherMode.local_ema:
             return
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()
-                 if k.startswith("teacher.") or k == "center"}
-        self.context.state.array_records[STATE_TEACHER] = ArrayRecord(torch_state_dict=state)
+        self._keep_local(model, LOCAL_TEACHER, "teacher.", "center")
 
     # ------------------------------------------------------------------ sample-level DP
 
@@ -321,8 +333,7 @@ class FedCMRClient(NumPyClient):
                       p.reproducible_noise)
 
     def _dp_history(self) -> list[list[float]]:
-        record = self.context.state.config_records.get(STATE_DP)
-        return json.loads(str(record["history"])) if record is not None else []
+        return [list(row) for row in self.local.dp_history]
 
     def _check_budget(self, plan: FedCMRConfig, dp: DPSettings, sample_rate: float, steps: int) -> None:
         NodeAccountant(self.accountant_path, dp.accountant).check(
@@ -338,7 +349,7 @@ class FedCMRClient(NumPyClient):
 
     def _record_dp(self, history: list[list[float]], plan: FedCMRConfig) -> dict[str, float]:
         previous = self._dp_history()
-        self.context.state.config_records[STATE_DP] = ConfigRecord({"history": json.dumps(history)})
+        self.local.dp_history = [[float(n), float(q), int(s)] for n, q, s in history]
         # Opacus merges consecutive steps with the same (noise, rate) into one history row.
         steps = int(sum(row[2] for row in history) - sum(row[2] for row in previous))
         NodeAccountant(self.accountant_path, plan.privacy.accountant).record(

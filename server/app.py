@@ -42,10 +42,10 @@ from server.workflows import (
 from shared_model.config import (
     ConfigError,
     FedCMRConfig,
-    HeadSharing,
     load_config,
     save_resolved_config,
     secagg_enabled,
+    ssl_head_stays_local,
     with_overrides,
 )
 from shared_model.masks import sha256_ctr_masks
@@ -175,7 +175,7 @@ def phase_model(cfg: FedCMRConfig, spec: PhaseSpec, state: ServerState) -> tuple
     """The model a phase trains, at its starting point, and its federated keys."""
     if spec.name == PRETRAIN:
         ssl_model = initial_ssl_model(cfg)
-        return ssl_model, federated_keys(ssl_model, cfg.federation.ssl_head == HeadSharing.local)
+        return ssl_model, federated_keys(ssl_model, ssl_head_stays_local(cfg))
     model = initial_task_model(cfg, get_task(spec.task))
     if spec.init_encoder:
         load_into(model.encoder, load_safetensors(spec.init_encoder)[0], spec.init_encoder)
@@ -221,7 +221,8 @@ def run_phase(grid: Grid, context: Context, run_cfg: FedCMRConfig, spec: PhaseSp
               ledger: PrivacyLedger, metrics: MetricsLog, progress: RunProgress) -> None:
     cfg = with_overrides(run_cfg, spec.overrides, f"phase {spec.label}") if spec.overrides else run_cfg
     phase = PhaseInfo(spec.name, spec.task, spec.rounds, spec.label,
-                      state.phase_round if state.phase == spec.label else 0, state.global_round)
+                      state.phase_round if state.phase == spec.label else 0, state.global_round,
+                      state.run_token)
     model, keys = phase_model(cfg, spec, state)
     reference = {k: v.detach().float() for k, v in model.state_dict().items() if k in keys}
     resuming = phase.done_before > 0
@@ -262,7 +263,7 @@ def _finish_phase(phase: PhaseInfo, model: torch.nn.Module, state: ServerState,
     if phase.name == PRETRAIN:
         state.foundation = select_prefix(weights, "encoder.")
         # a dense MAE's decoder is what dense task heads start from, when it was aggregated; a
-        # decoder that stayed at the sites (federation.ssl_head=local) is not the server's to
+        # decoder that stayed at the sites (federation.ssl_head) is not the server's to
         # release: its copy here is the untrained initial one
         if isinstance(model, DenseMAE) and any(k.startswith("head.") for k in federated):
             state.decoder = select_prefix(weights, "head.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,9 @@ class ServerState:
     optimizer: dict[str, list[np.ndarray]] = field(default_factory=dict)
     ledger_json: str = ""
     phases_done: list[str] = field(default_factory=list)
+    # drawn when the run starts, kept across resumes: nodes key what they keep between the
+    # run's rounds (local heads, teachers) by it (client.run_local)
+    run_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
 def save_state(run_dir: Path, state: ServerState, cfg: FedCMRConfig) -> Path:
@@ -79,7 +83,7 @@ def save_state(run_dir: Path, state: ServerState, cfg: FedCMRConfig) -> Path:
                         for i, a in enumerate(arrays)})
     meta = {"format": FORMAT, "global_round": state.global_round, "phase": state.phase,
             "phase_round": state.phase_round, "phase_keys": state.phase_keys,
-            "phases_done": state.phases_done, "ledger": state.ledger_json,
+            "phases_done": state.phases_done, "ledger": state.ledger_json, "run_token": state.run_token,
             "optimizer": {k: len(v) for k, v in state.optimizer.items()},
             "fingerprint": config_fingerprint(cfg), "weights_sha256": weights_hash(state.phase_arrays)}
     return save_safetensors(run_dir / CHECKPOINT_FILE, tensors, {"fedcmr": json.dumps(meta)})
@@ -145,6 +149,8 @@ def load_state(run_dir: Path, cfg: FedCMRConfig) -> ServerState:
         except LedgerError as exc:
             raise _damaged(path, f"metadata field 'ledger': {exc}") from exc
     phases_done = _meta_field(meta, "phases_done", list, path)
+    # a checkpoint of an earlier version has no token: the nodes' local weights start afresh
+    run_token = _meta_field(meta, "run_token", str, path) if "run_token" in meta else secrets.token_hex(16)
     return ServerState(
         global_round=_meta_field(meta, "global_round", int, path),
         phase=_meta_field(meta, "phase", str, path),
@@ -152,4 +158,4 @@ def load_state(run_dir: Path, cfg: FedCMRConfig) -> ServerState:
         phase_arrays=arrays, foundation={k[3:]: v for k, v in tensors.items() if k.startswith("fm/")},
         decoder={k[4:]: v for k, v in tensors.items() if k.startswith("dec/")},
         tasks=tasks, optimizer=optimizer, ledger_json=ledger_json,
-        phases_done=[str(p) for p in phases_done])
+        phases_done=[str(p) for p in phases_done], run_token=run_token)

@@ -55,6 +55,7 @@ from shared_model.wire import (
     PHASE_KEY,
     PLAN_KEY,
     ROUND_KEY,
+    RUN_KEY,
     SPAN_END_KEY,
     SPAN_START_KEY,
     TASK_KEY,
@@ -93,6 +94,7 @@ class PhaseInfo:
     label: str  # unique name of the phase in the run
     done_before: int  # rounds of this phase completed before this run of it (resume)
     global_before: int  # global rounds completed before this run of the phase
+    run_token: str = ""  # the run's token (server.state.ServerState.run_token)
 
 
 def site_name(proxy: ClientProxy, metrics: dict[str, Scalar]) -> str:
@@ -251,7 +253,7 @@ class PhaseStrategy(Strategy):
     def _round_config(self, server_round: int) -> dict[str, Scalar]:
         done = self._phase_round(server_round) - 1
         return {PLAN_KEY: self.plan_yaml, PHASE_KEY: self.phase.name, TASK_KEY: self.phase.task,
-                ROUND_KEY: self._global_round(server_round),
+                ROUND_KEY: self._global_round(server_round), RUN_KEY: self.phase.run_token,
                 SPAN_START_KEY: done / self.phase.rounds, SPAN_END_KEY: (done + 1) / self.phase.rounds}
 
     def _validated(self, results: list[tuple[ClientProxy, FitRes]],

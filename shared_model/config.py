@@ -57,6 +57,14 @@ class HeadSharing(str, Enum):
     local = "local"
 
 
+class SSLHeadSharing(str, Enum):
+    """Whether the SSL head (MAE decoder, DINO head) travels with the encoder each round."""
+
+    auto = "auto"  # local where pretraining alone uses it (token MAE decoder), else aggregated
+    aggregated = "aggregated"
+    local = "local"
+
+
 # Note: no enum value may be a YAML 1.1 boolean word (on/off/yes/no): `key=off` would arrive
 # as False.
 
@@ -250,12 +258,15 @@ class FederationConfig:
     trim_fraction: float = 0.2  # trimmed_mean: share cut at each end
     krum_byzantine: int = 1  # krum: sites assumed faulty
     heads: HeadSharing = HeadSharing.aggregated  # task heads in fine-tuning
-    # The SSL head (MAE decoder, DINO head). Aggregated: it travels with the encoder (+24 %
-    # bytes a round for hybrid-unet-p16-96) and a dense MAE's decoder is released, which
-    # segmentation heads start from. `local` sends the encoder only, but a head kept at the
-    # nodes lives in Flower's per-run node state: a paused or crashed run resumes with fresh
-    # heads, so its result is not an uninterrupted run's.
-    ssl_head: HeadSharing = HeadSharing.aggregated
+    # The SSL head (MAE decoder, DINO head). Aggregated: it travels with the encoder each round
+    # (the token MAE decoder of vit-tiny-p8-64: +24 % bytes; the dense decoder of
+    # hybrid-unet-p16-96: +10 %). Local: only the encoder travels; each node keeps its head in
+    # its state folder, per run and round, so a resumed run is the uninterrupted one
+    # (client.run_local). `auto` (see ssl_head_stays_local): local for the token MAE decoder,
+    # which nothing uses after pretraining; aggregated for a dense MAE's decoder, which is
+    # released and which segmentation heads start from, and for DINO's head, whose prototypes
+    # every site's student and teacher then share.
+    ssl_head: SSLHeadSharing = SSLHeadSharing.auto
     round_timeout_s: float = 600.0
     # How long a round waits for min_sites nodes to be connected (Flower's own wait is 24 h);
     # fewer by then: the round is recorded as halted, the model stays and the run pauses,
@@ -482,6 +493,14 @@ def secagg_enabled(cfg: FedCMRConfig) -> bool:
     """SecAgg+ is on by default whenever a round needs at least 3 sites."""
     mode = cfg.federation.secagg.mode
     return mode == SecAggMode.always or (mode == SecAggMode.auto and (cfg.federation.min_sites or 0) >= 3)
+
+
+def ssl_head_stays_local(cfg: FedCMRConfig) -> bool:
+    """Whether pretraining keeps the SSL head at the nodes (``federation.ssl_head``)."""
+    mode = cfg.federation.ssl_head
+    if mode == SSLHeadSharing.auto:
+        return cfg.ssl.method == SSLMethod.mae and cfg.ssl.mae.decoder == MAEDecoderKind.transformer
+    return mode == SSLHeadSharing.local
 
 
 def _require(condition: bool, key: str, message: str) -> None:

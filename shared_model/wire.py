@@ -20,6 +20,7 @@ PLAN_KEY = "plan"
 PHASE_KEY = "phase"  # PRETRAIN | FINETUNE
 TASK_KEY = "task"
 ROUND_KEY = "round"  # global round number, all phases
+RUN_KEY = "run"  # the run's token: nodes key what they keep between its rounds by it
 SPAN_START_KEY = "span_start"  # fraction of the phase done before this round
 SPAN_END_KEY = "span_end"
 

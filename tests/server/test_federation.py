@@ -145,11 +145,16 @@ def test_a_run_whose_every_reply_is_excluded_releases_nothing(tmp_path: Path) ->
 
 
 @pytest.mark.reliability(12)
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kept", [
+    [],  # the token MAE's decoder stays at the nodes (federation.ssl_head=auto)
+    ["ssl.method=dino", "ssl.dino.teacher=local_ema", "ssl.dino.out_dim=64"],  # each node's teacher
+], ids=["mae-local-decoder", "dino-local-teacher"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, kept: list[str]) -> None:
     # Prepare: the same 2-round federation twice, once straight through, once paused after
-    # round 1 and resumed (no DP: its noise is drawn afresh, never predictable)
+    # round 1 and resumed (no DP: its noise is drawn afresh, never predictable); what the nodes
+    # keep between rounds (a decoder, a teacher) is kept in their state folders across the pause
     sites = make_sites(tmp_path / "sites", 2)
-    plain = ["federation.rounds=2", "federation.secagg.mode=never"]
+    plain = ["federation.rounds=2", "federation.secagg.mode=never", *kept]
     _, straight = federate(tmp_path / "straight", sites, 2, plain)
     cfg, paused = federate(tmp_path / "run", sites, 2, [*plain, "output.stop_after_round=1"])
     assert paused.status == RunStatus.paused and not (tmp_path / "run" / "release").exists()

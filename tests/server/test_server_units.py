@@ -496,7 +496,7 @@ def test_an_oversized_update_is_refused_undecoded_and_the_round_goes_on(monkeypa
     assert size_limit_bytes(2.0, GLOBAL) == 2 * 1024 * 1024
 
 
-@pytest.mark.parametrize("ssl_head", ["aggregated", "local"])
+@pytest.mark.parametrize("ssl_head", ["auto", "aggregated", "local"])
 def test_a_dense_decoder_is_released_only_when_it_was_aggregated(ssl_head: str) -> None:
     from server.app import PRETRAIN, _finish_phase, phase_model, plan_phases
 
@@ -512,6 +512,6 @@ def test_a_dense_decoder_is_released_only_when_it_was_aggregated(ssl_head: str) 
     # Assert: the encoder always; the decoder only when the sites' decoders were averaged (a
     # local one's server copy is its untrained initial state)
     assert state.foundation and PRETRAIN in state.phases_done
-    assert bool(state.decoder) == (ssl_head == "aggregated")
-    assert any(k.startswith("head.") for k in keys) == (ssl_head == "aggregated")
+    assert bool(state.decoder) == (ssl_head != "local")  # auto aggregates a dense decoder
+    assert any(k.startswith("head.") for k in keys) == (ssl_head != "local")
 

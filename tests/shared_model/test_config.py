@@ -90,3 +90,16 @@ def test_fine_tuning_from_a_released_foundation_has_no_pretraining_rounds() -> N
         load_config("demo-cpu", [*base, "federation.rounds=0", "federation.finetune_rounds=0"])
     with pytest.raises(ConfigError, match="federation.rounds"):
         load_config("demo-cpu", ["federation.rounds=0"])  # without a foundation: pretraining
+
+
+@pytest.mark.parametrize(("overrides", "local"), [
+    ([], True),  # the token MAE decoder: used by pretraining alone
+    (["ssl.mae.decoder=dense"], False),  # released; segmentation starts from it
+    (["ssl.method=dino"], False),  # the prototypes every site shares
+    (["ssl.mae.decoder=dense", "federation.ssl_head=local"], True),
+    (["federation.ssl_head=aggregated"], False),
+])
+def test_the_ssl_head_travels_only_where_it_is_worth_its_bytes(overrides: list[str], local: bool) -> None:
+    from shared_model.config import ssl_head_stays_local
+
+    assert ssl_head_stays_local(load_config(None, ["ssl.method=mae", *overrides])) is local

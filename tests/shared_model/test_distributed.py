@@ -28,7 +28,7 @@ def test_a_node_with_two_devices_pretrains_data_parallel(tmp_path) -> None:
     from flwr.app import Context, RecordDict
 
     from client.federated import FedCMRClient
-    from shared_model.config import config_to_yaml
+    from shared_model.config import config_to_yaml, ssl_head_stays_local
     from shared_model.ssl import federated_keys
     from shared_model.weights import state_dict_to_arrays
     from shared_model.wire import PHASE_KEY, PLAN_KEY, PRETRAIN, ROUND_KEY
@@ -39,7 +39,7 @@ def test_a_node_with_two_devices_pretrains_data_parallel(tmp_path) -> None:
     plan = load_config("demo-cpu", ["ssl.batch_size=2", "ssl.local_steps=2", "device=cpu",
                                     "federation.secagg.mode=never", "tasks.test_fraction=0"])
     model = initial_ssl_model(plan)
-    keys = federated_keys(model)
+    keys = federated_keys(model, ssl_head_stays_local(plan))  # the token MAE's decoder stays
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     node = FedCMRClient(tmp_path / "store", "cpu,cpu", 0, context)
 
