@@ -32,7 +32,7 @@ CHECKS = (
           "all: stock Flower 1.42 signs only Flower Hub apps, so a node cannot require signed apps"),
     Check(5, "Poisoned update contents"),
     Check(6, "Byzantine norms"),
-    Check(7, "SecAgg+ exactness", "a full-cpu scenario with no halted SecAgg+ round"),
+    Check(7, "SecAgg+ exactness"),
     Check(8, "SecAgg+ drop-outs"),
     Check(9, "Malicious-server probes at the node"),
     Check(10, "Privacy accounting"),
