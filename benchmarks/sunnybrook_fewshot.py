@@ -18,7 +18,7 @@ frame (per group and overall), myocardium Dice on the cine frames that have it; 
 over seeds, and each arm's ratio to the U-Net.
 
     python benchmarks/sunnybrook_fewshot.py [--budgets 1 3 10] [--seeds 3] [--seconds 120]
-        [--arms fm scratch unet] [--fm models/<name>] [--json out.json]
+        [--arms fm scratch unet] [--fm models/<name>] [--fm-override KEY=VALUE ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0, help="fine-tuning budget per run")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--fm", type=Path, default=None, help="foundation-model bundle")
+    parser.add_argument("--fm-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="the foundation model's fine-tuning as a user's override would set it "
+                             "(repeatable; a tasks.mode replaces the built-in recipe)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -66,7 +69,8 @@ def main() -> None:
         for seed, patients in enumerate(training_sets(budget, args.seeds, pool)):
             stores = [patient_store(work, p, fm_cfg) for p in patients]
             for arm in args.arms:
-                out, report = run_arm(arm, stores, fm, work, seed, args.seconds)
+                out, report = run_arm(arm, stores, fm, work, seed, args.seconds,
+                                      fm_overrides=args.fm_override)
                 result = score(out, tests)
                 rows.append({"arm": arm, "budget": budget, "seed": seed, "patients": patients,
                              "steps": report.steps, "seconds": round(report.seconds, 1),
@@ -112,7 +116,8 @@ def _stat(values: list[float]) -> str:
 
 def print_table(rows: list[dict], args: argparse.Namespace, fm: Path, tests: list[str],
                 seconds: float) -> None:
-    print(f"\nreal-patient few-shot protocol: FM {fm}; {args.seconds:.0f} s fine-tuning per run; "
+    recipe = f" ({' '.join(args.fm_override)})" if args.fm_override else ""
+    print(f"\nreal-patient few-shot protocol: FM {fm}{recipe}; {args.seconds:.0f} s fine-tuning per run; "
           f"{args.seeds} seeds; held-out test patients: {', '.join(tests)}; machine: {machine()}; "
           f"{seconds / 60:.1f} min")
     groups = sorted({g for r in rows for g in r["groups"]})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -189,20 +190,29 @@ def scratch_bundle(fm: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def run_arm(arm: str, stores: list[Path], fm: Path, work: Path, seed: int, seconds: float,
-            device: str = "cpu") -> tuple[Path, FinetuneReport]:
-    """Fine-tune one arm for ``seconds`` on ``stores`` (every subject labelled, none held out)."""
-    from client.finetune import finetune_on_store, recipe_mode
-    from shared_model.bundle import load_bundle
-    from shared_model.config import load_config
+def arm_recipe(arm: str, fm_overrides: Sequence[str] = ()) -> list[str]:
+    """An arm's fine-tuning overrides: the node's built-in recipe for the foundation model (its
+    encoder frozen), changed by ``fm_overrides`` as a user's overrides change it; scratch has
+    no pretrained encoder to keep, so everything of it trains at one learning rate."""
+    from client.finetune import recipe_mode
     from shared_model.finetune import SCRATCH_RECIPE
 
-    # the node's built-in recipe: the foundation model's encoder frozen; scratch has no
-    # pretrained encoder to keep, so everything of it trains at one learning rate
-    recipe = {"fm": recipe_mode("sax_seg", "fm", None), "scratch": list(SCRATCH_RECIPE)}
+    if arm == "fm":
+        return [*recipe_mode("sax_seg", "fm", None, fm_overrides), *fm_overrides]
+    return list(SCRATCH_RECIPE) if arm == "scratch" else []
+
+
+def run_arm(arm: str, stores: list[Path], fm: Path, work: Path, seed: int, seconds: float,
+            device: str = "cpu", fm_overrides: Sequence[str] = ()) -> tuple[Path, FinetuneReport]:
+    """Fine-tune one arm for ``seconds`` on ``stores`` (every subject labelled, none held out);
+    ``fm_overrides`` change the foundation model's recipe as a user's overrides would."""
+    from client.finetune import finetune_on_store
+    from shared_model.bundle import load_bundle
+    from shared_model.config import load_config
+
     cfg = load_config(None, [f"seed={seed}", f"tasks.max_seconds={seconds}", "tasks.steps=100000",
                              f"tasks.arch={'unet' if arm == 'unet' else 'fm'}", f"device={device}",
-                             *recipe.get(arm, [])])
+                             *arm_recipe(arm, fm_overrides)])
     out = work / "runs" / f"{arm}-{seed}-{time.monotonic_ns()}"
     start: Path | None = fm
     if arm == "scratch":
