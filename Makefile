@@ -49,7 +49,7 @@ e2e: $(VENV)/.installed-test
 # The reliability and security checks (tests/reliability.py): the marked tests and one table,
 # also in reliability.json.
 reliability: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -m reliability --reliability --reliability-json reliability.json $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m reliability --reliability --reliability-json=reliability.json $(PYTEST_ARGS)
 
 # ruff (packages, benchmarks, tests) and mypy (packages, benchmarks) as configured in pyproject.toml.
 lint: $(VENV)/.installed-lint
