@@ -17,7 +17,7 @@ from pathlib import Path
 from client.node_settings import NodePolicyError
 from shared_model.errors import UserError
 from shared_model.files import atomic_write_text, read_json
-from shared_model.privacy import epsilon_for
+from shared_model.privacy import epsilon_for, history_rows
 
 ACCOUNTANT_FILE = "privacy-accountant.json"
 FORMAT = "fedcmr-node-accountant"
@@ -38,13 +38,11 @@ class NodeAccountant:
         data = read_json(self.path, NodeAccountantError,
                          "restore it from the node's backup; without it the node cannot know "
                          "how much privacy its data has already spent")
-        rows = data.get("history") if isinstance(data, dict) and data.get("format") == FORMAT else None
-        if not isinstance(rows, list) or not all(
-                isinstance(r, list) and len(r) == 3 and all(isinstance(v, (int, float)) for v in r)
-                for r in rows):
+        rows = history_rows(data.get("history")) if isinstance(data, dict) and data.get("format") == FORMAT else None
+        if rows is None:
             raise NodeAccountantError(f"{self.path}: field 'history' is not a list of [noise, rate, "
                                       "steps] rows; restore the file from the node's backup")
-        return [[float(n), float(q), int(s)] for n, q, s in rows]
+        return rows
 
     def epsilon(self, delta: float, extra: list[list[float]] | None = None) -> float:
         return epsilon_for(self.history() + (extra or []), delta, self.accountant)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from shared_model.errors import UserError
+from shared_model.privacy import history_rows
 from shared_model.weights import WeightsError, load_safetensors, save_safetensors
 
 RUNS_DIR = "runs"
@@ -71,12 +72,11 @@ class RunLocalState:
             info = json.loads(meta.get("fedcmr", "null"))
         except (WeightsError, json.JSONDecodeError) as exc:
             raise RunLocalError(f"{path}: {exc}; {hint}") from exc
-        history = info.get("dp_history") if isinstance(info, dict) and info.get("format") == FORMAT else None
-        if not isinstance(history, list) or not all(
-                isinstance(r, list) and len(r) == 3 and all(isinstance(v, (int, float)) for v in r)
-                for r in history):
+        ours = isinstance(info, dict) and info.get("format") == FORMAT
+        history = history_rows(info.get("dp_history")) if ours else None
+        if history is None:
             raise RunLocalError(f"{path}: not a FedCMR run snapshot (metadata 'dp_history'); {hint}")
-        snapshot = Snapshot(dp_history=[[float(n), float(q), int(s)] for n, q, s in history])
+        snapshot = Snapshot(dp_history=history)
         for key, tensor in tensors.items():
             group, _, name = key.rpartition("/")
             snapshot.groups.setdefault(group, {})[name] = tensor

@@ -52,6 +52,10 @@ def config_fingerprint(cfg: FedCMRConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def new_run_token() -> str:
+    return secrets.token_hex(16)
+
+
 @dataclass
 class ServerState:
     global_round: int = 0  # rounds completed, all phases
@@ -67,7 +71,7 @@ class ServerState:
     phases_done: list[str] = field(default_factory=list)
     # drawn when the run starts, kept across resumes: nodes key what they keep between the
     # run's rounds (local heads, teachers) by it (client.run_local)
-    run_token: str = field(default_factory=lambda: secrets.token_hex(16))
+    run_token: str = field(default_factory=new_run_token)
 
 
 def save_state(run_dir: Path, state: ServerState, cfg: FedCMRConfig) -> Path:
@@ -150,7 +154,7 @@ def load_state(run_dir: Path, cfg: FedCMRConfig) -> ServerState:
             raise _damaged(path, f"metadata field 'ledger': {exc}") from exc
     phases_done = _meta_field(meta, "phases_done", list, path)
     # a checkpoint of an earlier version has no token: the nodes' local weights start afresh
-    run_token = _meta_field(meta, "run_token", str, path) if "run_token" in meta else secrets.token_hex(16)
+    run_token = _meta_field(meta, "run_token", str, path) if "run_token" in meta else new_run_token()
     return ServerState(
         global_round=_meta_field(meta, "global_round", int, path),
         phase=_meta_field(meta, "phase", str, path),

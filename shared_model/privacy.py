@@ -113,6 +113,16 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return PrivateTraining(private_model, private_opt, private_loader, engine, settings)
 
 
+def history_rows(value: object) -> list[list[float]] | None:
+    """An accountant history read from a file, as ``[noise multiplier, sample rate, steps]``
+    rows; None when ``value`` is not a list of such rows."""
+    if not isinstance(value, list) or not all(
+            isinstance(r, list) and len(r) == 3 and all(isinstance(v, (int, float)) for v in r)
+            for r in value):
+        return None
+    return [[float(n), float(q), int(s)] for n, q, s in value]
+
+
 def epsilon_for(history: list[list[float]], delta: float, accountant: str = "prv") -> float:
     """Epsilon of a stored accountant history (for ledgers and reports)."""
     if not history:
