@@ -47,9 +47,23 @@ def weights_hash(arrays: list[np.ndarray]) -> str:
 
 
 def config_fingerprint(cfg: FedCMRConfig) -> str:
-    """Hash of everything that shapes the run except where it writes (``output``)."""
-    text = config_to_yaml(dataclasses.replace(cfg, output=OutputConfig()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Hash of everything that shapes the run except where it writes (``output``).
+
+    Written with every round's checkpoint: the YAML (~30 ms) is made once per config (its
+    dataclass ``repr`` names every value, and costs a fraction of a millisecond)."""
+    shaping = dataclasses.replace(cfg, output=OutputConfig())
+    return _fingerprint(repr(shaping), shaping)
+
+
+_FINGERPRINTS: dict[str, str] = {}  # repr of a config -> its fingerprint (a few per run)
+
+
+def _fingerprint(key: str, shaping: FedCMRConfig) -> str:
+    if key not in _FINGERPRINTS:
+        if len(_FINGERPRINTS) >= 16:
+            _FINGERPRINTS.clear()
+        _FINGERPRINTS[key] = hashlib.sha256(config_to_yaml(shaping).encode()).hexdigest()[:16]
+    return _FINGERPRINTS[key]
 
 
 def new_run_token() -> str:

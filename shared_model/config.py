@@ -8,6 +8,8 @@ naming the key and where it came from.
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -444,7 +446,7 @@ def load_config(
     overrides: Sequence[str] = (),
 ) -> FedCMRConfig:
     """Defaults, then the preset YAML, then ``key=value`` overrides; validated and typed."""
-    merged = OmegaConf.structured(FedCMRConfig)
+    merged = _schema()
     if preset is not None:
         path = resolve_preset_path(preset)
         merged = _merge(merged, _read_yaml(path), str(path))
@@ -456,12 +458,30 @@ def load_config(
 
 
 def config_from_yaml(text: str, source: str) -> FedCMRConfig:
-    """Parse a resolved config (e.g. one sent by the server or saved in a run folder)."""
+    """Parse a resolved config (e.g. one sent by the server or saved in a run folder).
+
+    A node parses the server's plan for every instruction of a run; the same text is parsed
+    once per process (a few recent texts are kept) and each call gets its own copy.
+    """
+    return copy.deepcopy(_parsed_yaml(text, source))
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    """The schema with its defaults, built once per process (~40 ms); ``OmegaConf.merge``
+    copies its first argument, so merges never change it."""
+    return OmegaConf.structured(FedCMRConfig)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_yaml(text: str, source: str) -> FedCMRConfig:
+    """:func:`config_from_yaml`'s parse, validated (an error is raised again on every call:
+    nothing is cached for a text that fails). Never hand this object out: callers copy it."""
     try:
         loaded = OmegaConf.create(text)
     except Exception as exc:  # yaml syntax errors come in many types; re-raised as ConfigError
         raise ConfigError(f"{source}: not valid YAML ({exc})") from exc
-    merged = _merge(OmegaConf.structured(FedCMRConfig), loaded, source)
+    merged = _merge(_schema(), loaded, source)
     cfg: FedCMRConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate_config(cfg)
     return cfg

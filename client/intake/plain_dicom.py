@@ -26,6 +26,28 @@ _LONG = {str(vr).encode("ascii"): str(vr) for vr in EXPLICIT_VR_LENGTH_32}  # 4-
 _HEADER = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length (or reserved)
 _LENGTH = struct.Struct("<I")
 _UNDEFINED = 0xFFFFFFFF
+# a zero-length element's raw value per VR (b"" or None: immutable, so shared)
+_EMPTY = {vr: cast(bytes | None, empty_value_for_VR(vr, raw=True)) for vr in (*_SHORT.values(), *_LONG.values())}
+
+
+_FIELDS = ("tag", "VR", "length", "value", "value_tell", "is_implicit_VR", "is_little_endian",
+           "is_raw", "is_buffered")
+
+
+def _record_fast(tag: BaseTag, vr: str, length: int, value: bytes | None,
+                 value_tell: int) -> RawDataElement:
+    return tuple.__new__(RawDataElement, (tag, vr, length, value, value_tell, False, True, True, False))
+
+
+def _record_any(tag: BaseTag, vr: str, length: int, value: bytes | None,
+                value_tell: int) -> RawDataElement:
+    return RawDataElement(tag, vr, length, value, value_tell, False, True)
+
+
+# An explicit VR little endian element as pydicom records it, built as the tuple it is where
+# pydicom's record has the fields this module knows (its own constructor is a Python call,
+# a third of the parse); through that constructor otherwise.
+_record = _record_fast if RawDataElement._fields == _FIELDS else _record_any
 
 
 def read_plain(data: bytes) -> Dataset | None:
@@ -60,31 +82,38 @@ def _read(data: bytes) -> Dataset | None:
 
 def _elements(data: bytes, offset: int,
               group: int | None) -> tuple[dict[BaseTag, DataElement | RawDataElement], int] | None:
-    """Raw elements from ``offset`` to the end (or to the end of ``group``), and where they end."""
+    """Raw elements from ``offset`` to the end (or to the end of ``group``), and where they end.
+
+    The hot loop of the intake (~100 elements a file): names are bound locally and each record
+    is built as the tuple it is (``RawDataElement``'s own constructor is a Python call).
+    """
     out: dict[BaseTag, DataElement | RawDataElement] = {}
     end_of_data, last = len(data), -1
+    unpack, unpack_length, short, long_ = (_HEADER.unpack_from, _LENGTH.unpack_from,
+                                           _SHORT.get, _LONG.get)
+    base_tag = BaseTag
     while offset < end_of_data:
         if offset + 8 > end_of_data:
             return None
-        element_group, element, vr_bytes, length = _HEADER.unpack_from(data, offset)
+        element_group, element, vr_bytes, length = unpack(data, offset)
         if group is not None and element_group != group:
             break
         tag = element_group << 16 | element
         if tag <= last or (group is None and element_group in (0x0000, 0x0002, 0xFFFE)):
             return None  # out of order, repeated, a command or meta element, an item
         start = offset + 8
-        vr = _SHORT.get(vr_bytes)
+        vr = short(vr_bytes)
         if vr is None:
-            vr = _LONG.get(vr_bytes)
+            vr = long_(vr_bytes)
             if vr is None:
                 return None
-            length = _LENGTH.unpack_from(data, start)[0]
+            length = unpack_length(data, start)[0]
             start += 4
         end = start + length
         if length == _UNDEFINED or end > end_of_data:
             return None
-        key = BaseTag(tag)
-        value = data[start:end] if length else cast(bytes, empty_value_for_VR(vr, raw=True))
-        out[key] = RawDataElement(key, vr, length, value, start, False, True)
+        key = base_tag(tag)
+        value = data[start:end] if length else _EMPTY[vr]
+        out[key] = _record(key, vr, length, value, start)
         last, offset = tag, end
     return out, offset

@@ -500,8 +500,11 @@ class InstanceReader:
         if size <= PLAIN_READ_MAX_BYTES:
             try:
                 with open(path, "rb") as handle:
-                    data = handle.read(132)
-                    ds = read_plain(data + handle.read()) if data[128:] == b"DICM" else None
+                    head = handle.read(132)
+                    ds = None
+                    if head[128:] == b"DICM":  # read it whole (again from 0: no copy to join)
+                        handle.seek(0)
+                        ds = read_plain(handle.read())
             except OSError:
                 raise SkipFile("unreadable_file") from None
             if ds is not None:

@@ -9,9 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import BAD_KINDS, write_bad_file, write_cine_series, write_enhanced_series
+from pydicom.dataelem import RawDataElement
 from pydicom.uid import ImplicitVRLittleEndian
 
-from client.intake import reading
+from client.intake import plain_dicom, reading
 from client.intake.deid import quiet_pydicom
 from client.intake.plain_dicom import read_plain
 
@@ -110,3 +111,27 @@ def test_plain_and_dcmread_agree_on_real_scanner_files(tmp_path, monkeypatch):
     for a, b in zip(fast, slow):
         assert a.reason == ""
         _same(a, b)
+
+
+def test_fast_records_are_the_ones_pydicom_builds(tmp_path, monkeypatch):
+    # Prepare: a file parsed with the tuple-built records and with RawDataElement's constructor
+    truth = write_cine_series(tmp_path, seed=6, slices=1, phases=1, rows=8, cols=8)
+    data = truth.files[0].read_bytes()
+    fast = read_plain(data)
+    monkeypatch.setattr(plain_dicom, "_record", plain_dicom._record_any)
+
+    # Execute
+    built = read_plain(data)
+
+    # Assert: this pydicom's record has the fields the fast path fills, and every field agrees
+    assert plain_dicom._record_fast is not plain_dicom._record_any
+    assert RawDataElement._fields == plain_dicom._FIELDS
+    for ours, theirs in ((fast, built), (fast.file_meta, built.file_meta)):
+        assert list(ours.keys()) == list(theirs.keys())
+        for tag in theirs.keys():
+            a, b = ours.get_item(tag), theirs.get_item(tag)
+            assert type(a) is type(b), tag
+            if isinstance(b, RawDataElement):  # the meta's first element is converted on reading
+                assert a._asdict() == b._asdict(), tag
+            else:
+                assert (a.VR, a.value) == (b.VR, b.value), tag

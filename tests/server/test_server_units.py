@@ -1,5 +1,7 @@
 """Server pieces without the engine: validation, ledger, checkpoint, node guard, strategy."""
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +18,17 @@ from server import cli as server_cli
 from server.aggregators import build_aggregator, optimizer_state, restore_optimizer_state
 from server.ledger import LedgerEntry, LedgerError, PrivacyLedger
 from server.metrics import RoundStatus
-from server.state import ResumeError, ServerState, load_state, save_state, weights_hash
+from server.state import (
+    ResumeError,
+    ServerState,
+    config_fingerprint,
+    load_state,
+    save_state,
+    weights_hash,
+)
 from server.strategy import PhaseInfo, PhaseStrategy
 from server.validation import UpdateBounds, update_problem
-from shared_model.config import load_config
+from shared_model.config import OutputConfig, config_to_yaml, load_config
 from shared_model.privacy import epsilon_for
 from shared_model.weights import load_safetensors, save_safetensors
 
@@ -515,3 +524,15 @@ def test_a_dense_decoder_is_released_only_when_it_was_aggregated(ssl_head: str) 
     assert bool(state.decoder) == (ssl_head != "local")  # auto aggregates a dense decoder
     assert any(k.startswith("head.") for k in keys) == (ssl_head != "local")
 
+
+
+def test_config_fingerprint_is_the_hash_of_its_yaml_however_often_asked() -> None:
+    # Prepare: what earlier checkpoints hold (the YAML hash of everything but output)
+    cfg = load_config("demo-cpu", ["seed=5"])
+    written = config_to_yaml(dataclasses.replace(cfg, output=OutputConfig()))
+    expected = hashlib.sha256(written.encode()).hexdigest()[:16]
+
+    # Execute / Assert: the same value every round; another config differs; output does not count
+    assert config_fingerprint(cfg) == expected == config_fingerprint(cfg)
+    assert config_fingerprint(load_config("demo-cpu", ["seed=6"])) != expected
+    assert config_fingerprint(load_config("demo-cpu", ["seed=5", "output.dir=/elsewhere"])) == expected

@@ -103,3 +103,26 @@ def test_the_ssl_head_travels_only_where_it_is_worth_its_bytes(overrides: list[s
     from shared_model.config import ssl_head_stays_local
 
     assert ssl_head_stays_local(load_config(None, ["ssl.method=mae", *overrides])) is local
+
+
+def test_a_plan_text_is_parsed_once_and_every_caller_gets_its_own_copy() -> None:
+    # Prepare: a node receives the same plan for every instruction of a run
+    text = config_to_yaml(load_config("demo-cpu", ["seed=11"]))
+    first = config_from_yaml(text, "server plan")
+
+    # Execute: a caller changes its copy
+    first.tasks.names.append("disease")
+    first.federation.rounds = 99
+    again = config_from_yaml(text, "server plan")
+
+    # Assert: the next caller sees the plan as sent
+    sent = load_config("demo-cpu")
+    assert again.tasks.names == sent.tasks.names and again.federation.rounds == sent.federation.rounds
+    assert again is not first and again.seed == 11
+
+
+def test_a_bad_plan_text_fails_every_time() -> None:
+    bad = config_to_yaml(load_config("demo-cpu")).replace("rounds:", "roundz:", 1)
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="roundz"):
+            config_from_yaml(bad, "server plan")
