@@ -45,8 +45,8 @@ def _record_any(tag: BaseTag, vr: str, length: int, value: bytes | None,
 
 
 # An explicit VR little endian element as pydicom records it, built as the tuple it is where
-# pydicom's record has the fields this module knows (its own constructor is a Python call,
-# a third of the parse); through that constructor otherwise.
+# pydicom's record has the fields this module knows (its own constructor adds a Python-level
+# call per element); through that constructor otherwise.
 _record = _record_fast if RawDataElement._fields == _FIELDS else _record_any
 
 
