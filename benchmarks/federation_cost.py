@@ -101,15 +101,19 @@ def plain_loop_seconds(cfg, sites_root: Path, sites: int, repeats: int = 2) -> l
     return times
 
 
+def federation_config(out: Path, secagg: bool, args: argparse.Namespace):  # noqa: ANN201
+    """The demo-cpu federation measured (the plain loops run its local steps)."""
+    return load_config("demo-cpu", [
+        f"federation.rounds={args.rounds}", "federation.finetune_rounds=0", f"sim.sites={SITES}",
+        f"federation.min_sites={SITES}", f"sim.cpus_per_site={CPUS_PER_SITE}",
+        f"ssl.local_steps={args.local_steps}", "device=cpu", f"output.dir={out}",
+        f"federation.ssl_head={args.ssl_head}", f"federation.secagg.mode={'always' if secagg else 'never'}"])
+
+
 def measure(work: Path, sites_root: Path, secagg: bool, args: argparse.Namespace) -> dict:
     out = work / ("secagg" if secagg else "plain")
     counts = work / f"uploads-{'secagg' if secagg else 'plain'}.jsonl"
-    overrides = [f"federation.rounds={args.rounds}", "federation.finetune_rounds=0", f"sim.sites={SITES}",
-                 f"federation.min_sites={SITES}", f"sim.cpus_per_site={CPUS_PER_SITE}",
-                 f"ssl.local_steps={args.local_steps}", "device=cpu", f"output.dir={out}",
-                 f"federation.ssl_head={args.ssl_head}",
-                 f"federation.secagg.mode={'always' if secagg else 'never'}"]
-    cfg = load_config("demo-cpu", overrides)
+    cfg = federation_config(out, secagg, args)
     outcome = run_federation(cfg, sites_root, extra_mods=[upload_counter(counts)])
     assert outcome.status == RunStatus.released, outcome
     rounds = [r for r in read_records(out) if r["kind"] == RecordKind.fit and r["round"] > 1]
@@ -119,7 +123,7 @@ def measure(work: Path, sites_root: Path, secagg: bool, args: argparse.Namespace
         if u["round"] > 1:
             key = (u["site"], u["round"])
             per_site_round[key] = per_site_round.get(key, 0) + u["bytes"]
-    return {"cfg": cfg, "round_s": statistics.median(r["seconds"] for r in rounds),
+    return {"round_s": statistics.median(r["seconds"] for r in rounds),
             "upload_bytes": statistics.median(per_site_round.values())}
 
 
@@ -135,7 +139,7 @@ def main() -> None:
     sites_root = work / "sites"
     for index in range(SITES):
         write_site_frames(simulated_site_store(sites_root, index), site_spec(index, 1.5, 128), 96, seed=0)
-    cfg = load_config("demo-cpu", [f"ssl.local_steps={args.local_steps}", "device=cpu"])
+    cfg = federation_config(work / "plain", False, args)
     results = {}
     for secagg in (False, True):
         before = plain_loop_seconds(cfg, sites_root, SITES)
