@@ -183,6 +183,9 @@ class FinetuneMode(str, Enum):
     """How much of the encoder fine-tuning may change."""
 
     linear = "linear"  # encoder frozen; only the task head trains (a linear probe for classes)
+    # the ViT frozen; the head and the encoder's conv stem train, the stem only through the
+    # dense decoder's skips (no backward through the ViT); without a conv stem, as linear
+    stem = "stem"
     full = "full"  # everything trains, with layer-wise learning-rate decay on the encoder
     frozen_then_unfrozen = "frozen_then_unfrozen"  # head first, then everything
 

@@ -79,6 +79,9 @@ class ConvStem(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.proj = nn.Conv2d(self.widths[-1], embed_dim, 3, 2, 1, bias=bias)
         self.skips: list[torch.Tensor] = []
+        # True while only the stem trains (tasks.mode=stem): the stages then learn through the
+        # skips alone, and the tokens carry no gradient into the frozen transformer
+        self.detach_tokens = False
 
     def feat_ratio(self, as_scalar: bool = True) -> int:
         return self.patch_size[0]
@@ -92,7 +95,7 @@ class ConvStem(nn.Module):
             x = stage(x)
             skips.append(x)
         self.skips = skips
-        x = self.proj(x)
+        x = self.proj(x.detach() if self.detach_tokens else x)
         if self.output_fmt == "NHWC":  # timm's dynamic image size defers the flattening
             return x.permute(0, 2, 3, 1)
         return x.flatten(2).transpose(1, 2)

@@ -1,10 +1,12 @@
 """Fine-tuning a task model on a node's labelled samples, and evaluating it.
 
-Modes (``tasks.mode``): ``linear`` trains the head on a frozen encoder; ``full`` trains all with
+Modes (``tasks.mode``): ``linear`` trains the head on a frozen encoder; ``stem`` also trains the
+encoder's convolutional stem, through the dense decoder's skips only (the transformer frozen and
+not back-propagated through); ``full`` trains all with
 layer-wise learning-rate decay (encoder block i gets ``lr * decay**(depth - i)``, the
 embeddings ``lr * decay**(depth + 1)``); ``frozen_then_unfrozen`` trains the head alone for the
 first ``frozen_fraction`` of the steps, then everything. Optional DP-SGD (Opacus) for
-``linear`` and ``full``.
+``linear``, ``stem`` and ``full``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from shared_model.augment import (
     random_intensity,
 )
 from shared_model.config import FinetuneMode, TasksConfig
+from shared_model.encoders import ConvStem
 from shared_model.privacy import DPSettings, PrivacyError, make_private
 from shared_model.tasks.base import Task, TaskData, TaskDataError, TaskKind
-from shared_model.tasks.models import TaskModel
+from shared_model.tasks.models import DensePredictor, TaskModel
 from shared_model.tasks.scoring import predict, task_loss, task_metrics
 from shared_model.train import (
     CheckpointPolicy,
@@ -100,6 +103,14 @@ def set_encoder_trainable(model: torch.nn.Module, trainable: bool) -> None:
         model.encoder.requires_grad_(trainable)
 
 
+def trainable_stem(model: torch.nn.Module) -> ConvStem | None:
+    """The conv stem ``tasks.mode=stem`` trains: a dense task's, whose decoder takes its skips
+    (a classifier's head never sees them, so there the mode is ``linear``)."""
+    if isinstance(model, DensePredictor) and isinstance(model.encoder.patch_embed, ConvStem):
+        return model.encoder.patch_embed
+    return None
+
+
 def augment_batch(task: Task, inputs: torch.Tensor, targets: torch.Tensor,
                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The same rotation/zoom/shift (and, for segmentation, mirror) for image and label, plus
@@ -159,7 +170,7 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
         raise TaskDataError(f"no labelled samples for task '{task.name}'")
     mode = settings.mode if has_encoder(model) else FinetuneMode.full
     if dp is not None and mode == FinetuneMode.frozen_then_unfrozen:
-        raise PrivacyError("DP-SGD fine-tuning supports tasks.mode=linear or full "
+        raise PrivacyError("DP-SGD fine-tuning supports tasks.mode=linear, stem or full "
                            "(unfreezing mid-way would change the per-sample gradient set)")
     # convolutions run faster with channels-last tensors (oneDNN on CPU, tensor cores on GPU);
     # Opacus' per-sample gradients keep the default layout
@@ -167,6 +178,10 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
     model.to(device)
     model.to(memory_format=layout)
     set_encoder_trainable(model, mode == FinetuneMode.full)
+    stem = trainable_stem(model) if mode == FinetuneMode.stem else None
+    if stem is not None:
+        stem.stages.requires_grad_(True)
+        stem.detach_tokens = True
     data = absent_where_never_drawn(task, data)
     tensors = [data.inputs, data.targets] + ([data.valid] if data.valid is not None else [])
     adamw = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.layer_decay), lr=settings.lr)
@@ -206,8 +221,10 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
             set_encoder_trainable(model, progress >= settings.frozen_fraction)
 
     train_model.train()
-    if mode == FinetuneMode.linear and has_encoder(model):
+    if mode in (FinetuneMode.linear, FinetuneMode.stem) and has_encoder(model):
         model.encoder.eval()  # frozen features, no drop-path
+        if stem is not None:  # GroupNorm keeps no statistics; Opacus records training modules only
+            stem.stages.train()
     try:
         local = run_steps(train_model, batches, step_fn, optimizer=optimizer, steps=settings.steps,
                           base_lr=settings.lr, device=device, gen=gen, span=span,
@@ -216,6 +233,8 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
                           max_seconds=settings.max_seconds)
     finally:
         model.to(memory_format=torch.contiguous_format)
+        if stem is not None:
+            stem.detach_tokens = False
         if private is not None:
             private.close()
     if private is not None:

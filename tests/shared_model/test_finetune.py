@@ -68,8 +68,29 @@ def test_modes_train_what_they_should(mode: FinetuneMode, sax_data) -> None:
                       gen=make_generator(0), device=CPU)
     encoder_moved = any(not torch.equal(encoder_before[k], v) for k, v in model.encoder.state_dict().items())
     head_moved = any(not torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
-    assert head_moved and encoder_moved == (mode != FinetuneMode.linear)
+    # a plain ViT has no conv stem: there tasks.mode=stem is linear
+    assert head_moved and encoder_moved == (mode not in (FinetuneMode.linear, FinetuneMode.stem))
     assert result.local.steps == 3
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_stem_mode_trains_the_conv_stem_through_the_skips_alone(private: bool) -> None:
+    task = get_task("sax_seg")
+    data = task.build([sax_series(f"s{i}", f"subj{i}", seed=i) for i in range(2)], 96)
+    torch.manual_seed(0)
+    model = build_task_model(task, build_encoder("hybrid-unet-p16-96"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5) if private else None
+    result = finetune(model, task, data, _settings(mode=FinetuneMode.stem, steps=2),
+                      gen=make_generator(0), device=CPU, dp=dp)
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert any(k.startswith("encoder.patch_embed.stages.") for k in moved)
+    assert "head.out.weight" in moved
+    # the transformer, and the projection to its tokens, stay as pretrained
+    assert not any(k.startswith("encoder.") and not k.startswith("encoder.patch_embed.stages.")
+                   for k in moved)
+    assert model.encoder.patch_embed.detach_tokens is False  # full fine-tuning later back-propagates
+    assert (result.epsilon > 0) == private
 
 
 def test_evaluate_reports_task_metrics(sax_data) -> None:
@@ -92,7 +113,7 @@ def test_dp_sgd_reports_epsilon_and_strips_the_wrapper(sax_data) -> None:
 
 
 def test_dp_refuses_unfreezing_mid_session(sax_data) -> None:
-    with pytest.raises(PrivacyError, match="linear or full"):
+    with pytest.raises(PrivacyError, match="linear, stem or full"):
         finetune(_model(), get_task("sax_seg"), sax_data, _settings(mode=FinetuneMode.frozen_then_unfrozen),
                  gen=make_generator(0), device=CPU, dp=DPSettings(1.0, 1.0, 1e-5))
 
