@@ -80,9 +80,13 @@ def test_stem_mode_trains_the_conv_stem_through_the_skips_alone(private: bool) -
     torch.manual_seed(0)
     model = build_task_model(task, build_encoder("hybrid-unet-p16-96"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    # a trained stem's tokens would carry its gradient through the transformer unless detached
+    through_vit: list[bool] = []
+    model.encoder.blocks[0].register_forward_hook(lambda m, i, out: through_vit.append(out.requires_grad))
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5) if private else None
     result = finetune(model, task, data, _settings(mode=FinetuneMode.stem, steps=2),
                       gen=make_generator(0), device=CPU, dp=dp)
+    assert through_vit and not any(through_vit)
     moved = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert any(k.startswith("encoder.patch_embed.stages.") for k in moved)
     assert "head.out.weight" in moved
