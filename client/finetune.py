@@ -131,11 +131,12 @@ FROZEN_SEGMENTATION_LR = 3.0e-3  # the decoder's rate on a frozen encoder (recip
 
 def recipe_mode(task: str, arch: str, config: str | None,
                 overrides: Sequence[str] = ()) -> list[str]:
-    """The built-in recipe fine-tunes a foundation model's dense task with its encoder frozen
-    (the pretrained decoder trains): on 2 CPU cores a step costs half as much, and within the
-    session's budget that beat fine-tuning everything on real held-out patients (README). A
+    """The built-in recipe fine-tunes a foundation model's dense task with its transformer
+    frozen (the pretrained decoder trains): on 2 CPU cores a step costs half as much, and within
+    the session's budget that beat fine-tuning everything on real held-out patients (README). A
     segmentation decoder then trains at 3e-3 (measured on real patients with 1 labelled one:
-    blood pool +3 points and myocardium +16 over 1e-3, and no run lost the myocardium). A
+    blood pool +3 points and myocardium +16 over 1e-3, and no run lost the myocardium), and with
+    3 or more labelled subjects the encoder's conv stem trains with it (``tasks.mode=auto``). A
     preset (--config) or a tasks.mode override decides otherwise (and then nothing of this
     recipe applies); a tasks.lr override sets the rate."""
     try:
@@ -145,7 +146,7 @@ def recipe_mode(task: str, arch: str, config: str | None,
     if arch != "fm" or config is not None or any(o.startswith("tasks.mode=") for o in overrides):
         return []
     if kind == TaskKind.segmentation:
-        return ["tasks.mode=linear", f"tasks.lr={FROZEN_SEGMENTATION_LR}"]
+        return ["tasks.mode=auto", f"tasks.lr={FROZEN_SEGMENTATION_LR}"]
     return ["tasks.mode=linear"] if kind == TaskKind.landmarks else []
 
 
@@ -225,7 +226,7 @@ def finetune_on_store(task_name: str, bundle_path: Path | None, store_path: Path
                "test_subjects": len(test_ids), "train_samples": len(train),
                "test_samples": len(test), "metrics": metrics, "epsilon": result.epsilon,
                "delta": cfg.privacy.delta if dp else None, "steps": result.local.steps,
-               "seconds": round(result.local.seconds, 1), "mode": cfg.tasks.mode.value}
+               "seconds": round(result.local.seconds, 1), "mode": result.mode.value}
     save_task_bundle(out, cfg, task, model.cpu(), {k: _json_safe(v) for k, v in summary.items()},
                      base=bundle if cfg.tasks.arch == TaskArch.fm else None)
     if checkpoint is not None:

@@ -179,6 +179,16 @@ class TaskArch(str, Enum):
     unet = "unet"  # a supervised MONAI U-Net from scratch: the baseline a hospital would use
 
 
+class SkipSource(str, Enum):
+    """Where a dense task's decoder takes its fine-resolution features (skips) from."""
+
+    # the encoder's pretrained conv stem when it has one (else the decoder's own, below)
+    encoder = "encoder"
+    # the decoder's own copy of the encoder's conv stem (pretrained), which trains with the
+    # decoder while the encoder, and so the tokens its transformer sees, stay as pretrained
+    decoder = "decoder"
+
+
 class FinetuneMode(str, Enum):
     """How much of the encoder fine-tuning may change."""
 
@@ -186,6 +196,9 @@ class FinetuneMode(str, Enum):
     # the ViT frozen; the head and the encoder's conv stem train, the stem only through the
     # dense decoder's skips (no backward through the ViT); without a conv stem, as linear
     stem = "stem"
+    # stem where the training set holds enough labelled subjects for the stem to train on
+    # (shared_model.finetune.STEM_MIN_SUBJECTS), else linear: the built-in recipe of dense tasks
+    auto = "auto"
     full = "full"  # everything trains, with layer-wise learning-rate decay on the encoder
     frozen_then_unfrozen = "frozen_then_unfrozen"  # head first, then everything
 
@@ -215,6 +228,7 @@ class TasksConfig:
     foreground_fraction: float = 0.33
     augment: bool = True
     decoder_width: int = 16  # segmentation/landmark decoder channels at full resolution
+    skips: SkipSource = SkipSource.encoder  # dense decoders' fine features (SkipSource)
     label_budget: int = 0  # labelled subjects per site used for training (0: all)
     test_fraction: float = 0.3  # subjects per site held out for evaluation (0: train on all)
     split_seed: int = 0  # which subjects are held out (fixed across seeds; the seed draws

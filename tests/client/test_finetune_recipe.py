@@ -1,5 +1,5 @@
-"""The built-in fine-tuning recipe: a foundation model's dense tasks train with a frozen encoder
-(segmentation's decoder at its own learning rate)."""
+"""The built-in fine-tuning recipe: a foundation model's dense tasks train with a frozen
+transformer (segmentation's decoder at its own learning rate, its conv stem with enough subjects)."""
 
 import pytest
 
@@ -7,7 +7,7 @@ from client.finetune import recipe_mode
 
 
 @pytest.mark.parametrize(("task", "arch", "config", "expected"), [
-    ("sax_seg", "fm", None, ["tasks.mode=linear", "tasks.lr=0.003"]),
+    ("sax_seg", "fm", None, ["tasks.mode=auto", "tasks.lr=0.003"]),
     ("landmarks", "fm", None, ["tasks.mode=linear"]),
     ("view", "fm", None, []),  # classification: every layer trains
     ("sax_seg", "unet", None, []),  # a U-Net has no pretrained encoder to freeze
@@ -22,4 +22,4 @@ def test_only_the_built_in_recipe_freezes_a_foundation_models_encoder(
 def test_a_users_mode_replaces_the_whole_recipe() -> None:
     # a frozen-decoder learning rate must not follow the user into fine-tuning everything
     assert recipe_mode("sax_seg", "fm", None, ["tasks.mode=full"]) == []
-    assert recipe_mode("sax_seg", "fm", None, ["tasks.steps=10"]) == ["tasks.mode=linear", "tasks.lr=0.003"]
+    assert recipe_mode("sax_seg", "fm", None, ["tasks.steps=10"]) == ["tasks.mode=auto", "tasks.lr=0.003"]

@@ -68,8 +68,9 @@ def test_modes_train_what_they_should(mode: FinetuneMode, sax_data) -> None:
                       gen=make_generator(0), device=CPU)
     encoder_moved = any(not torch.equal(encoder_before[k], v) for k, v in model.encoder.state_dict().items())
     head_moved = any(not torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
-    # a plain ViT has no conv stem: there tasks.mode=stem is linear
-    assert head_moved and encoder_moved == (mode not in (FinetuneMode.linear, FinetuneMode.stem))
+    # a plain ViT has no conv stem: there tasks.mode=stem (and so auto) is linear
+    frozen = (FinetuneMode.linear, FinetuneMode.stem, FinetuneMode.auto)
+    assert head_moved and encoder_moved == (mode not in frozen)
     assert result.local.steps == 3
 
 
@@ -97,6 +98,80 @@ def test_stem_mode_trains_the_conv_stem_through_the_skips_alone(private: bool) -
     assert (result.epsilon > 0) == private
 
 
+def test_stem_mode_trains_the_stem_at_the_decoders_rate() -> None:
+    # layer-wise decay would give the stem (the embeddings' layer) 0.75**7 of the decoder's rate
+    from shared_model.finetune import mode_param_groups
+
+    torch.manual_seed(0)
+    model = build_task_model(get_task("sax_seg"), build_encoder("hybrid-unet-p16-96"))
+    model.encoder.requires_grad_(False)
+    model.encoder.patch_embed.stages.requires_grad_(True)
+    settings = _settings(layer_decay=0.75)
+    scales = {id(p): g["lr_scale"] for g in mode_param_groups(model, settings, FinetuneMode.stem)
+              for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scales[id(named["encoder.patch_embed.stages.0.conv1.weight"])] == 1.0
+    assert set(scales.values()) == {1.0}
+    model.encoder.requires_grad_(True)
+    full = {id(p): g["lr_scale"] for g in mode_param_groups(model, settings, FinetuneMode.full)
+            for p in g["params"]}
+    assert full[id(named["encoder.patch_embed.stages.0.conv1.weight"])] == pytest.approx(0.75**7)
+
+
+def test_auto_mode_trains_the_stem_only_with_enough_labelled_subjects() -> None:
+    from shared_model.finetune import STEM_MIN_SUBJECTS, resolved_mode
+    from shared_model.tasks.unet import build_unet
+
+    task = get_task("sax_seg")
+    data = task.build([sax_series(f"s{i}", f"subj{i}", seed=i) for i in range(STEM_MIN_SUBJECTS)], 96)
+    fewer = data.subset([i for i, s in enumerate(data.subjects) if s != "subj0"])
+    hybrid = build_task_model(task, build_encoder("hybrid-unet-p16-96"))
+    assert resolved_mode(FinetuneMode.auto, hybrid, data) == FinetuneMode.stem
+    assert resolved_mode(FinetuneMode.auto, hybrid, fewer) == FinetuneMode.linear
+    # no conv stem to train (a plain ViT, or a classifier whose head never sees the skips)
+    assert resolved_mode(FinetuneMode.auto, _model(), data) == FinetuneMode.linear
+    classifier = build_task_model(get_task("view"), build_encoder("hybrid-unet-p16-96"))
+    assert resolved_mode(FinetuneMode.auto, classifier, data) == FinetuneMode.linear
+    assert resolved_mode(FinetuneMode.linear, hybrid, data) == FinetuneMode.linear
+    assert resolved_mode(FinetuneMode.auto, build_unet(task), data) == FinetuneMode.full
+    result = finetune(hybrid, task, data, _settings(mode=FinetuneMode.auto, steps=1),
+                      gen=make_generator(0), device=CPU)
+    assert result.mode == FinetuneMode.stem
+
+
+def test_a_decoder_with_its_own_stem_copy_trains_it_and_keeps_the_encoder(tmp_path: Path) -> None:
+    from shared_model.bundle import load_bundle, save_encoder, save_task_bundle, task_model_from_bundle
+    from shared_model.config import SkipSource, save_resolved_config
+    from shared_model.finetune import resolved_mode
+
+    # Prepare: a foundation bundle (encoder only) and its segmentation model with tasks.skips=decoder
+    task = get_task("sax_seg")
+    cfg = load_config(None, ["model.preset=hybrid-unet-p16-96", "tasks.skips=decoder"])
+    torch.manual_seed(0)
+    save_resolved_config(cfg, tmp_path / "fm")
+    save_encoder(tmp_path / "fm" / "encoder.safetensors", build_encoder(cfg.model.preset).state_dict(), cfg)
+    model = task_model_from_bundle(load_bundle(tmp_path / "fm"), task, skips=SkipSource.decoder)
+    stem, copy = model.encoder.patch_embed.stages.state_dict(), model.head.stems.state_dict()
+    assert stem.keys() == copy.keys() and all(torch.equal(stem[k], copy[k]) for k in stem)
+    data = task.build([sax_series(f"s{i}", f"subj{i}", seed=i) for i in range(3)], 96)
+    # a decoder with a stem of its own leaves no encoder stem to train: auto is linear
+    assert resolved_mode(FinetuneMode.auto, model, data) == FinetuneMode.linear
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+
+    # Execute
+    finetune(model, task, data, _settings(mode=FinetuneMode.auto, steps=2, lr=1e-2),
+             gen=make_generator(0), device=CPU)
+    save_task_bundle(tmp_path / "tuned", cfg, task, model, base=load_bundle(tmp_path / "fm"))
+    loaded = task_model_from_bundle(load_bundle(tmp_path / "tuned"), task, require_head=True)
+
+    # Assert: the copy trained, the encoder (its stem included) did not; the bundle rebuilds it
+    assert all(torch.equal(encoder_before[k], v) for k, v in model.encoder.state_dict().items())
+    assert any(not torch.equal(copy[k], v) for k, v in model.head.stems.state_dict().items())
+    model.eval(), loaded.eval()
+    images = data.inputs[:2]
+    assert torch.allclose(model(images), loaded(images), atol=1e-6)
+
+
 def test_evaluate_reports_task_metrics(sax_data) -> None:
     metrics = evaluate(_model(), get_task("sax_seg"), sax_data, CPU)
     assert {"dice_lv_blood", "dice_lv_myo", "dice_rv_blood", "hd95_mm_lv_blood", "samples"} <= set(metrics)
@@ -117,7 +192,7 @@ def test_dp_sgd_reports_epsilon_and_strips_the_wrapper(sax_data) -> None:
 
 
 def test_dp_refuses_unfreezing_mid_session(sax_data) -> None:
-    with pytest.raises(PrivacyError, match="linear, stem or full"):
+    with pytest.raises(PrivacyError, match="linear, stem, auto or full"):
         finetune(_model(), get_task("sax_seg"), sax_data, _settings(mode=FinetuneMode.frozen_then_unfrozen),
                  gen=make_generator(0), device=CPU, dp=DPSettings(1.0, 1.0, 1e-5))
 

@@ -11,9 +11,9 @@ def test_the_foundation_model_trains_with_the_nodes_recipe_unless_told_otherwise
     def tasks(overrides: list[str]):  # noqa: ANN202
         return load_config(None, arm_recipe("fm", overrides)).tasks
 
-    assert tasks([]).mode == FinetuneMode.linear and tasks([]).lr == FROZEN_SEGMENTATION_LR
+    assert tasks([]).mode == FinetuneMode.auto and tasks([]).lr == FROZEN_SEGMENTATION_LR
     # a rate alone keeps the recipe's frozen encoder; a mode replaces the whole recipe
-    assert (tasks(["tasks.lr=0.01"]).mode, tasks(["tasks.lr=0.01"]).lr) == (FinetuneMode.linear, 0.01)
+    assert (tasks(["tasks.lr=0.01"]).mode, tasks(["tasks.lr=0.01"]).lr) == (FinetuneMode.auto, 0.01)
     assert arm_recipe("fm", ["tasks.mode=full"]) == ["tasks.mode=full"]
     # the foundation model's overrides are not the baselines'
     assert arm_recipe("scratch", ["tasks.mode=linear"]) == list(SCRATCH_RECIPE)
