@@ -25,7 +25,6 @@ import torch
 from shared_model.config import (
     RESOLVED_CONFIG_NAME,
     FedCMRConfig,
-    SkipSource,
     TaskArch,
     config_from_yaml,
     save_resolved_config,
@@ -94,18 +93,13 @@ def task_model_for(cfg: FedCMRConfig, task: Task, bundle: Bundle | None) -> torc
         raise BundleError("tasks.arch=fm needs a foundation-model bundle")
     if bundle.has_task(task.name) or bundle.decoder:  # its own head or pretrained decoder
         cfg.tasks.decoder_width = bundle.config.tasks.decoder_width
-    if bundle.has_task(task.name):  # its head goes on training as it was built
-        cfg.tasks.skips = bundle.config.tasks.skips
-    return task_model_from_bundle(bundle, task, decoder_width=cfg.tasks.decoder_width,
-                                  skips=cfg.tasks.skips)
+    return task_model_from_bundle(bundle, task, decoder_width=cfg.tasks.decoder_width)
 
 
 def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = False,
-                           decoder_width: int | None = None,
-                           skips: SkipSource | None = None) -> torch.nn.Module:
+                           decoder_width: int | None = None) -> torch.nn.Module:
     """The bundle's model for ``task``; without one, its encoder with a freshly initialised head
-    (``decoder_width`` channels for a dense head, ``skips`` where its fine features come from;
-    default the bundle's)."""
+    (``decoder_width`` channels for a dense head; default the bundle's)."""
     if bundle.config.tasks.arch == TaskArch.unet:
         if task.name not in bundle.tasks:
             raise BundleError(f"{bundle.root}: a U-Net bundle without a model for task "
@@ -119,10 +113,8 @@ def task_model_from_bundle(bundle: Bundle, task: Task, require_head: bool = Fals
     except WeightsError as exc:
         raise BundleError(f"{exc}; the bundle's config names preset "
                           f"'{bundle.config.model.preset}'") from exc
-    own_stem = (skips or bundle.config.tasks.skips) == SkipSource.decoder
-    model = build_task_model(task, encoder, decoder_width or bundle.config.tasks.decoder_width,
-                             own_stem)
-    if task.name not in bundle.tasks and bundle.decoder:
+    model = build_task_model(task, encoder, decoder_width or bundle.config.tasks.decoder_width)
+    if task.name not in bundle.tasks and bundle.decoder and hasattr(model, "head"):
         start_from_decoder(model, bundle.decoder)
     if task.name in bundle.tasks:
         load_into(model, bundle.tasks[task.name], source=f"task model '{task.name}'")

@@ -179,16 +179,6 @@ class TaskArch(str, Enum):
     unet = "unet"  # a supervised MONAI U-Net from scratch: the baseline a hospital would use
 
 
-class SkipSource(str, Enum):
-    """Where a dense task's decoder takes its fine-resolution features (skips) from."""
-
-    # the encoder's pretrained conv stem when it has one (else the decoder's own, below)
-    encoder = "encoder"
-    # the decoder's own copy of the encoder's conv stem (pretrained), which trains with the
-    # decoder while the encoder, and so the tokens its transformer sees, stay as pretrained
-    decoder = "decoder"
-
-
 class FinetuneMode(str, Enum):
     """How much of the encoder fine-tuning may change."""
 
@@ -228,7 +218,6 @@ class TasksConfig:
     foreground_fraction: float = 0.33
     augment: bool = True
     decoder_width: int = 16  # segmentation/landmark decoder channels at full resolution
-    skips: SkipSource = SkipSource.encoder  # dense decoders' fine features (SkipSource)
     label_budget: int = 0  # labelled subjects per site used for training (0: all)
     test_fraction: float = 0.3  # subjects per site held out for evaluation (0: train on all)
     split_seed: int = 0  # which subjects are held out (fixed across seeds; the seed draws

@@ -133,10 +133,8 @@ def set_encoder_trainable(model: torch.nn.Module, trainable: bool) -> None:
 
 def trainable_stem(model: torch.nn.Module) -> ConvStem | None:
     """The conv stem ``tasks.mode=stem`` trains: a dense task's, whose decoder takes its skips
-    (a classifier's head never sees them, nor a decoder with a stem of its own, so there the
-    mode is ``linear``)."""
-    if (isinstance(model, DensePredictor) and isinstance(model.encoder.patch_embed, ConvStem)
-            and not model.own_stem):
+    (a classifier's head never sees them, so there the mode is ``linear``)."""
+    if isinstance(model, DensePredictor) and isinstance(model.encoder.patch_embed, ConvStem):
         return model.encoder.patch_embed
     return None
 

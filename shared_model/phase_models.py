@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from shared_model.config import FedCMRConfig, HeadSharing, SkipSource
+from shared_model.config import FedCMRConfig, HeadSharing
 from shared_model.encoders import build_encoder
 from shared_model.ssl import build_ssl_model
 from shared_model.ssl.base import SSLModel
@@ -28,8 +28,7 @@ def initial_ssl_model(plan: FedCMRConfig) -> SSLModel:
 def initial_task_model(plan: FedCMRConfig, task: Task) -> TaskModel:
     """The seeded task model (encoder, head) a fine-tuning phase starts from."""
     torch.manual_seed(derive_seed(plan.seed, "head", task.name) % (2**31))
-    return build_task_model(task, build_encoder(plan.model.preset), plan.tasks.decoder_width,
-                            plan.tasks.skips == SkipSource.decoder)
+    return build_task_model(task, build_encoder(plan.model.preset), plan.tasks.decoder_width)
 
 
 def task_keys(model: torch.nn.Module, plan: FedCMRConfig) -> list[str]:

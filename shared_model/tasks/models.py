@@ -7,13 +7,12 @@ only), so Opacus' ``ModuleValidator.validate(..., strict=True)`` accepts every m
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from shared_model.encoders import ConvStem, Encoder
+from shared_model.encoders import Encoder
 
 from shared_model.tasks.base import Task, TaskKind
 
@@ -104,26 +103,23 @@ class DenseDecoder(nn.Module):
 
     The ViT sees the image in patches (8 or 16 px). The skips at 1, 1/2, 1/4 ... of the input
     resolution come from the encoder's convolutional stem when it has one (pretrained with it,
-    ``stem_widths``), or from the decoder's own copy of those stages (``stem_copy``), else from a
-    light convolutional stem of the decoder's own on the raw image, so borders are drawn at
-    pixel precision rather than at patch precision.
+    ``stem_widths``), else from a light convolutional stem of the decoder's own on the raw image,
+    so borders are drawn at pixel precision rather than at patch precision.
     """
 
     def __init__(self, embed_dim: int, patch_size: int, num_depths: int, out_channels: int,
-                 base_width: int = 16, stem_widths: list[int] | None = None,
-                 stem_copy: nn.ModuleList | None = None) -> None:
+                 base_width: int = 16, stem_widths: list[int] | None = None) -> None:
         super().__init__()
         levels = int(round(math.log2(patch_size)))
         if 2**levels != patch_size:
             raise ValueError(f"patch size {patch_size} is not a power of two")
-        self.stems: nn.ModuleList | None = None
         if stem_widths is None:
             widths = [min(base_width * 2**i, 256) for i in range(levels + 1)]  # full res ... tokens
-            self.stems = nn.ModuleList([conv_block(1, widths[0])] + [
+            self.stems: nn.ModuleList | None = nn.ModuleList([conv_block(1, widths[0])] + [
                 conv_block(widths[i - 1], widths[i], stride=2) for i in range(1, levels)])
             skip_widths = widths[:levels]
         else:
-            self.stems = stem_copy  # a copy of the encoder's stem stages, the decoder's own
+            self.stems = None
             skip_widths = list(stem_widths)
             widths = skip_widths + [min(2 * skip_widths[-1], 256)]
         self.project = nn.ModuleList(nn.Conv2d(embed_dim, widths[-1], 1) for _ in range(num_depths))
@@ -155,19 +151,14 @@ class DenseDecoder(nn.Module):
 class DensePredictor(TaskModel):
     """Per-pixel outputs (segmentation logits or landmark heatmap logits) at input size."""
 
-    def __init__(self, encoder: Encoder, out_channels: int, width: int = 16,
-                 own_stem: bool = False) -> None:
+    def __init__(self, encoder: Encoder, out_channels: int, width: int = 16) -> None:
         super().__init__()
         self.encoder = encoder
         encoder.taps = tuple(depth_indices(len(encoder.blocks)))
         self.patch_size = int(encoder.patch_embed.patch_size[0])
         stem_widths = encoder.patch_embed.widths if encoder.has_conv_stem else None
-        # own_stem: the skips come from the decoder's copy of the encoder's conv stem (as it is
-        # now: pretrained when the encoder is), which trains while the encoder stays as it was
-        stem_copy = (copy.deepcopy(encoder.patch_embed.stages)
-                     if own_stem and isinstance(encoder.patch_embed, ConvStem) else None)
         self.head = DenseDecoder(encoder.embed_dim, self.patch_size, len(encoder.taps), out_channels,
-                                 base_width=width, stem_widths=stem_widths, stem_copy=stem_copy)
+                                 base_width=width, stem_widths=stem_widths)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         taps = self.encoder(images)  # (B, T, N, D)
@@ -177,19 +168,12 @@ class DensePredictor(TaskModel):
         maps = taps.permute(1, 0, 3, 2).reshape(t, b, d, h, w)
         return self.head(images, list(maps.unbind(0)), self.encoder.skips or None)
 
-    @property
-    def own_stem(self) -> bool:
-        """Whether the decoder draws its skips from a stem of its own."""
-        return isinstance(self.head, DenseDecoder) and self.head.stems is not None
 
-
-def build_task_model(task: Task, encoder: Encoder, decoder_width: int = 16,
-                     own_stem: bool = False) -> TaskModel:
+def build_task_model(task: Task, encoder: Encoder, decoder_width: int = 16) -> TaskModel:
     """The encoder with the head of the task's kind (``decoder_width``: dense tasks' channels at
-    full resolution, doubling per level; ``own_stem``: a dense decoder's skips from a
-    convolutional stem of its own, not from the encoder's)."""
+    full resolution, doubling per level)."""
     if task.kind == TaskKind.frame_classification:
         return FrameClassifier(encoder, task.num_outputs)
     if task.kind == TaskKind.bag_classification:
         return BagClassifier(encoder, task.num_outputs)
-    return DensePredictor(encoder, task.num_outputs, decoder_width, own_stem)
+    return DensePredictor(encoder, task.num_outputs, decoder_width)

@@ -139,39 +139,6 @@ def test_auto_mode_trains_the_stem_only_with_enough_labelled_subjects() -> None:
     assert result.mode == FinetuneMode.stem
 
 
-def test_a_decoder_with_its_own_stem_copy_trains_it_and_keeps_the_encoder(tmp_path: Path) -> None:
-    from shared_model.bundle import load_bundle, save_encoder, save_task_bundle, task_model_from_bundle
-    from shared_model.config import SkipSource, save_resolved_config
-    from shared_model.finetune import resolved_mode
-
-    # Prepare: a foundation bundle (encoder only) and its segmentation model with tasks.skips=decoder
-    task = get_task("sax_seg")
-    cfg = load_config(None, ["model.preset=hybrid-unet-p16-96", "tasks.skips=decoder"])
-    torch.manual_seed(0)
-    save_resolved_config(cfg, tmp_path / "fm")
-    save_encoder(tmp_path / "fm" / "encoder.safetensors", build_encoder(cfg.model.preset).state_dict(), cfg)
-    model = task_model_from_bundle(load_bundle(tmp_path / "fm"), task, skips=SkipSource.decoder)
-    stem, copy = model.encoder.patch_embed.stages.state_dict(), model.head.stems.state_dict()
-    assert stem.keys() == copy.keys() and all(torch.equal(stem[k], copy[k]) for k in stem)
-    data = task.build([sax_series(f"s{i}", f"subj{i}", seed=i) for i in range(3)], 96)
-    # a decoder with a stem of its own leaves no encoder stem to train: auto is linear
-    assert resolved_mode(FinetuneMode.auto, model, data) == FinetuneMode.linear
-    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-
-    # Execute
-    finetune(model, task, data, _settings(mode=FinetuneMode.auto, steps=2, lr=1e-2),
-             gen=make_generator(0), device=CPU)
-    save_task_bundle(tmp_path / "tuned", cfg, task, model, base=load_bundle(tmp_path / "fm"))
-    loaded = task_model_from_bundle(load_bundle(tmp_path / "tuned"), task, require_head=True)
-
-    # Assert: the copy trained, the encoder (its stem included) did not; the bundle rebuilds it
-    assert all(torch.equal(encoder_before[k], v) for k, v in model.encoder.state_dict().items())
-    assert any(not torch.equal(copy[k], v) for k, v in model.head.stems.state_dict().items())
-    model.eval(), loaded.eval()
-    images = data.inputs[:2]
-    assert torch.allclose(model(images), loaded(images), atol=1e-6)
-
-
 def test_evaluate_reports_task_metrics(sax_data) -> None:
     metrics = evaluate(_model(), get_task("sax_seg"), sax_data, CPU)
     assert {"dice_lv_blood", "dice_lv_myo", "dice_rv_blood", "hd95_mm_lv_blood", "samples"} <= set(metrics)
