@@ -60,8 +60,9 @@ SCRATCH_RECIPE = ("tasks.mode=full", "tasks.layer_decay=1.0")
 
 # tasks.mode=auto trains the conv stem from this many labelled subjects on. Measured on real
 # patients (120 s, 3 seeds, README): with 3 the stem at the decoder's rate gained +3.5 blood-pool
-# and +9.2 myocardium Dice points over the frozen stem; with 1 it lost 10.8 and 8.1 (one study's
-# frames are too few for the stem, and the tokens the frozen transformer sees drift with it).
+# and +9.2 myocardium Dice points over the frozen stem; with 1 it lost 10.8 and 8.1: one study's
+# frames are too few to train a stem on (a decoder's own copy of it, the transformer's tokens
+# left as pretrained, lost as much).
 STEM_MIN_SUBJECTS = 3
 
 
