@@ -136,7 +136,7 @@ def recipe_mode(task: str, arch: str, config: str | None,
     the session's budget that beat fine-tuning everything on real held-out patients (README). A
     segmentation decoder then trains at 3e-3 (measured on real patients with 1 labelled one:
     blood pool +3 points and myocardium +16 over 1e-3, and no run lost the myocardium), and with
-    3 or more labelled subjects the encoder's conv stem trains with it (``tasks.mode=auto``). A
+    2 or more labelled subjects the encoder's conv stem trains with it (``tasks.mode=auto``). A
     preset (--config) or a tasks.mode override decides otherwise (and then nothing of this
     recipe applies); a tasks.lr override sets the rate."""
     try:
