@@ -7,7 +7,10 @@ three train at once on 2 cores) through Flower's simulation engine, plain and wi
 (a) round wall time / the same local steps in plain PyTorch loops run the same way (3
     single-threaded processes at once, no Flower) — goal <= 1.10 plain, <= 1.5 with SecAgg+;
 (b) bytes uploaded per site per round / the encoder's fp32 size — goal <= 1.05 plain,
-    <= 2.05 with SecAgg+ (SecAgg+ uploads int64).
+    <= 2.05 with SecAgg+ (SecAgg+ uploads int64);
+(c) where the round's time goes: the slowest site's own local steps (as the node timed them)
+    against the plain loop, and the rest of the round (messages, Ray, the SecAgg+ protocol,
+    aggregation, records), so that a miss of (a) says which side to work on.
 
 Rounds after the first are used (the first includes Ray's start-up): their median round time
 against the median of the plain loops run just before and just after that federation (2 runs
@@ -123,7 +126,12 @@ def measure(work: Path, sites_root: Path, secagg: bool, args: argparse.Namespace
         if u["round"] > 1:
             key = (u["site"], u["round"])
             per_site_round[key] = per_site_round.get(key, 0) + u["bytes"]
+    # the slowest site's own training time in each round (its local steps, as the node timed
+    # them): the rest of the round is Flower's (messages, Ray, aggregation, records)
+    training = [max(s.get("seconds", 0.0) for s in r["sites"].values()) for r in rounds]
     return {"round_s": statistics.median(r["seconds"] for r in rounds),
+            "training_s": statistics.median(training),
+            "transport_s": statistics.median(r["seconds"] - t for r, t in zip(rounds, training)),
             "upload_bytes": statistics.median(per_site_round.values())}
 
 
@@ -169,6 +177,14 @@ def main() -> None:
         print(f"{'SecAgg+' if secagg else 'plain':10s} {r['round_s']:8.2f} "
               f"{r['round_s'] / r['reference']:15.3f} {goal_t:6.2f} {r['upload_bytes'] / 1e6:10.3f} "
               f"{r['upload_bytes'] / encoder_bytes:16.3f} {goal_b:6.2f}")
+    print("where a round's time goes (medians over rounds 2..): the slowest site's own local "
+          "steps, timed by the node / the plain loop; the rest of the round (messages, Ray, "
+          "SecAgg+ protocol, aggregation, records)")
+    for secagg in (False, True):
+        r = results[secagg]
+        print(f"{'SecAgg+' if secagg else 'plain':10s} local steps {r['training_s']:6.2f} s "
+              f"({r['training_s'] / r['reference']:.3f} of the plain loop), rest {r['transport_s']:5.2f} s "
+              f"({r['transport_s'] / r['reference']:.3f})")
     shipped = load_config("pretrain-real")
     shipped_model = build_ssl_model(shipped)
     shipped_bytes = state_dict_nbytes({k: v for k, v in shipped_model.state_dict().items()
