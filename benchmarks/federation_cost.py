@@ -128,7 +128,7 @@ def measure(work: Path, sites_root: Path, secagg: bool, args: argparse.Namespace
             per_site_round[key] = per_site_round.get(key, 0) + u["bytes"]
     # the slowest site's own training time in each round (its local steps, as the node timed
     # them): the rest of the round is Flower's (messages, Ray, aggregation, records)
-    training = [max(s.get("seconds", 0.0) for s in r["sites"].values()) for r in rounds]
+    training = [max(s["seconds"] for s in r["sites"].values()) for r in rounds]
     return {"round_s": statistics.median(r["seconds"] for r in rounds),
             "training_s": statistics.median(training),
             "transport_s": statistics.median(r["seconds"] - t for r, t in zip(rounds, training)),

@@ -64,7 +64,10 @@ def measure(sites: int, rounds: int, local_steps: int, limit_s: float) -> tuple[
         peak = max(peak, _tree_memory(watched))
         if time.perf_counter() - start > limit_s:
             for proc in watched.children(recursive=True):
-                proc.kill()
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    continue  # went with its parent
             child.kill()
             child.join()
             raise SystemExit(f"{sites} sites: no result within {limit_s:g} s (stopped)")

@@ -86,9 +86,14 @@ def _stop_tree(process: subprocess.Popen[str]) -> None:
         except psutil.NoSuchProcess:
             continue
     _, alive = psutil.wait_procs(family, timeout=20)
-    for member in alive:
+    _kill_all(alive)
+
+
+def _kill_all(processes: list[psutil.Process]) -> None:
+    """SIGKILL each process; one that has already exited (a child that went with its parent) is skipped."""
+    for process in processes:
         try:
-            member.kill()
+            process.kill()
         except psutil.NoSuchProcess:
             continue
 
@@ -397,8 +402,7 @@ def test_three_hospitals_under_secagg_survive_a_killed_node_and_a_killed_server(
             time.sleep(0.05)
         victims = [psutil.Process(joined["hospital-c"].pid),
                    *psutil.Process(joined["hospital-c"].pid).children(recursive=True)]
-        for victim in victims:
-            victim.kill()
+        _kill_all(victims)
         psutil.wait_procs(victims, timeout=30)
         # ... the round completes with the two survivors and is checkpointed; round 2 waits for
         # three sites
@@ -410,8 +414,7 @@ def test_three_hospitals_under_secagg_survive_a_killed_node_and_a_killed_server(
         # ... then the server's process is killed while it waits
         apps = _serverapp_processes(folder)
         assert apps, "no ServerApp process under the SuperLink"
-        for app in apps:
-            app.kill()
+        _kill_all(apps)
         psutil.wait_procs(apps, timeout=30)
     finally:
         stop_group(submitted.pid)  # the submitting CLI and its `flwr run --stream`
