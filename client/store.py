@@ -58,11 +58,16 @@ def intensity_window(image: np.ndarray, low: float = 1.0,
 def _order_statistics(flat: np.ndarray, ranks: tuple[int, int, int, int]) -> list[np.float32]:
     """The values of rank r0 <= r1 <= r2 <= r3 in ``flat`` (r1 - r0 and r3 - r2 at most 1).
 
-    Two single-rank partitions (~70 us for a 128 x 128 frame) where a sort costs ~150 us and
-    numpy's multi-rank partition more; a sort for tiny inputs or where a value is not finite
-    (NaN sorts last there; a min or max over the partitions would return it instead).
+    For a frame, the two tails alone (:func:`_tail_statistics`); else two single-rank
+    partitions, where a sort costs twice as much and numpy's multi-rank partition more; a sort
+    for tiny inputs or where a value is not finite (NaN sorts last there; a min or max over the
+    partitions would return it instead).
     """
     r0, r1, r2, r3 = ranks
+    if flat.size >= _TAIL_SAMPLE and r1 < r2 and not np.isnan(flat).any():
+        tails = _tail_statistics(flat, ranks)
+        if tails is not None:
+            return tails
     if flat.size >= 64 and r1 < r2:
         part = np.partition(flat, r1)
         upper = np.partition(part[r1 + 1:], r2 - r1 - 1)  # the values of rank > r1
@@ -73,6 +78,35 @@ def _order_statistics(flat: np.ndarray, ranks: tuple[int, int, int, int]) -> lis
             return ordered
     part = np.sort(flat)
     return [part[r] for r in ranks]
+
+
+_TAIL_SAMPLE = 1024  # values of a strided sample that place the thresholds of the two tails
+
+
+def _tail_statistics(flat: np.ndarray, ranks: tuple[int, int, int, int]) -> list[np.float32] | None:
+    """The same order statistics from the values at or below a low threshold and at or above a
+    high one (a few % of a frame each; ~45 us for 128 x 128 where two partitions take ~180 us).
+
+    Exact: every value <= t comes before every value > t in sorted order, so the values <= t
+    are the first ``count`` of it (and those >= t the last). The thresholds come from a strided
+    sample with a margin; None where a tail came out too short to hold its ranks (the caller
+    partitions the whole array instead). No NaN in ``flat`` (a comparison with it is false).
+    """
+    r0, r1, r2, r3 = ranks
+    n = flat.size
+    sample = flat[::max(1, n // _TAIL_SAMPLE)]
+    m = sample.size
+    low_k = min(m - 1, int(r1 * m / n * 1.5) + 16)
+    high_k = max(0, m - 1 - int((n - 1 - r2) * m / n * 1.5) - 16)
+    thresholds = np.partition(sample, (low_k, high_k))
+    low = flat[flat <= thresholds[low_k]]
+    high = flat[flat >= thresholds[high_k]]
+    if low.size <= r1 or high.size < n - r2:
+        return None
+    below = np.partition(low, (r0, r1))
+    offset = n - high.size  # the rank in ``flat`` of high's smallest value
+    above = np.partition(high, (r2 - offset, r3 - offset))
+    return [below[r0], below[r1], above[r2 - offset], above[r3 - offset]]
 
 
 def normalise_intensity(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:

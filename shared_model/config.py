@@ -418,8 +418,13 @@ def resolve_preset_path(preset: str | Path) -> Path:
     return candidate
 
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+def _merge(base: DictConfig, other: Any, source: str, in_place: bool = False) -> DictConfig:
+    """``base`` with ``other`` merged over it: a merged copy, or ``base`` itself where
+    ``in_place`` (a config this call made: a copy of the schema costs ~5 ms)."""
     try:
+        if in_place:
+            base.merge_with(other)
+            return base
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
@@ -457,7 +462,7 @@ def load_config(
         path = resolve_preset_path(preset)
         merged = _merge(merged, _read_yaml(path), str(path))
     if overrides:
-        merged = _merge(merged, _parse_overrides(overrides), "override")
+        merged = _merge(merged, _parse_overrides(overrides), "override", in_place=preset is not None)
     cfg: FedCMRConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate_config(cfg)
     return cfg

@@ -11,7 +11,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from client.intake import reading
 from client.intake.deid import quiet_pydicom
-from client.store import intensity_window
+from client.store import _tail_statistics, intensity_window
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -133,3 +133,26 @@ def test_intensity_window_equals_a_full_sort(size):
     above = np.minimum(below + 1, size - 1)
     expected = ordered[below] + (ordered[above] - ordered[below]) * (position - below)
     assert (lo, hi) == (float(expected[0]), float(expected[1]))
+
+
+@pytest.mark.parametrize("misleading", [False, True])
+def test_intensity_window_from_the_tails_is_exact_and_falls_back_when_the_sample_misleads(misleading):
+    # Prepare: a 128 x 128 frame; misleading: 40 of the values the strided sample sees are the
+    # frame's only dark ones, so the sample's low threshold leaves fewer than 1 % below it
+    rng = np.random.default_rng(1)
+    image = (rng.normal(100, 30, size=128 * 128)).astype(np.float32)
+    if misleading:
+        image[:40 * 16:16] = -1e4
+    ranks = (163, 164, 16218, 16219)  # 1st and 99th percentile ranks of 16384 values
+
+    # Execute
+    tails = _tail_statistics(image, ranks)
+    lo, hi = intensity_window(image)
+
+    # Assert: the tails alone give the sort's values, or None (and the fallback those values)
+    ordered = np.sort(image)
+    assert (tails is None) == misleading
+    if tails is not None:
+        assert [float(v) for v in tails] == [float(ordered[r]) for r in ranks]
+    expected = np.percentile(image, [1, 99])
+    assert (lo, hi) == pytest.approx(tuple(expected), rel=1e-6)
