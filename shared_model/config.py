@@ -218,6 +218,11 @@ class TasksConfig:
     foreground_fraction: float = 0.33
     augment: bool = True
     decoder_width: int = 16  # segmentation/landmark decoder channels at full resolution
+    # With the whole encoder frozen (mode linear, no DP-SGD): augmented views kept per sample
+    # with their encoder features, so a step after the first draws costs the head alone
+    # (shared_model.feature_bank; 64 measured on real patients, README); 0: the encoder runs
+    # on every step.
+    feature_views: int = 64
     label_budget: int = 0  # labelled subjects per site used for training (0: all)
     test_fraction: float = 0.3  # subjects per site held out for evaluation (0: train on all)
     split_seed: int = 0  # which subjects are held out (fixed across seeds; the seed draws

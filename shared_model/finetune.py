@@ -30,6 +30,7 @@ from shared_model.augment import (
 )
 from shared_model.config import FinetuneMode, TasksConfig
 from shared_model.encoders import ConvStem
+from shared_model.feature_bank import FeatureBank
 from shared_model.privacy import DPSettings, PrivacyError, make_private
 from shared_model.tasks.base import Task, TaskData, TaskDataError, TaskKind
 from shared_model.tasks.models import DensePredictor, TaskModel
@@ -234,14 +235,31 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
         set_encoder_trainable(model, False)
 
     prox = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+    bank = None
+    if mode == FinetuneMode.linear and private is None and has_encoder(model) and settings.feature_views > 0:
+        # the encoder is a fixed function here: its features of each augmented view are kept
+        model.encoder.eval()
+        bank = FeatureBank(model, task, data, settings.feature_views,
+                           int(torch.randint(2**62, (1,), generator=gen)),
+                           augment_batch if settings.augment else None, device, layout)
+        if bank.active:  # the batches carry each sample's index
+            batches = TensorBatches(tensors + [torch.arange(len(data))], settings.batch_size, gen,
+                                    foreground_groups(task, data), settings.foreground_fraction)
+        else:
+            bank = None
 
     def step_fn(batch: tuple[torch.Tensor, ...], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch[0], batch[1]
+        valid = batch[2] if data.valid is not None else None
+        if bank is not None:
+            inputs, targets, features = bank.draw(batch[-1], bank.slots(len(inputs), gen))
+            assert has_encoder(model)
+            loss = task_loss(task, model.decode(inputs, features), targets, valid)
+            return (loss + prox() if prox else loss), {}
         if settings.augment:
             inputs, targets = augment_batch(task, inputs, targets, gen)
         if inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=layout)
-        valid = batch[2] if len(batch) > 2 else None
         loss = task_loss(task, train_model(inputs), targets, valid)
         return (loss + prox() if prox else loss), {}
 

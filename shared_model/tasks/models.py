@@ -8,6 +8,7 @@ only), so Opacus' ``ModuleValidator.validate(..., strict=True)`` accepts every m
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -34,10 +35,23 @@ def pooled_features(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
 
 
 class TaskModel(nn.Module):
-    """A task model: the encoder and the task's head (``encoder.*`` and ``head.*`` weights)."""
+    """A task model: the encoder and the task's head (``encoder.*`` and ``head.*`` weights).
+
+    ``forward`` is ``decode(images, encode(images))``: ``encode`` is what the encoder hands the
+    head (tensors with the batch first), so a frozen encoder's part can be computed once and
+    reused (shared_model.feature_bank)."""
 
     encoder: Encoder
     head: nn.Module
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def decode(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode(images, self.encode(images))
 
 
 class FrameClassifier(TaskModel):
@@ -49,8 +63,11 @@ class FrameClassifier(TaskModel):
         width = 2 * encoder.embed_dim
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(pooled_features(self.encoder, images))
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (pooled_features(self.encoder, images),)
+
+    def decode(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.head(features[0])
 
 
 class AttentionPool(nn.Module):
@@ -87,8 +104,11 @@ class BagClassifier(TaskModel):
         self.encoder = encoder
         self.head = BagHead(2 * encoder.embed_dim, num_classes)
 
-    def forward(self, bags: torch.Tensor) -> torch.Tensor:
-        return self.head(pooled_features(self.encoder, bags))
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (pooled_features(self.encoder, images),)
+
+    def decode(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.head(features[0])
 
 
 def conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -160,13 +180,18 @@ class DensePredictor(TaskModel):
         self.head = DenseDecoder(encoder.embed_dim, self.patch_size, len(encoder.taps), out_channels,
                                  base_width=width, stem_widths=stem_widths)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        taps = self.encoder(images)  # (B, T, N, D)
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tapped blocks' tokens (B, T, N, D), then the conv stem's skips (if any)."""
+        taps = self.encoder(images)
         self.last_tokens = taps[:, -1].detach()  # health signals of pretraining read these
+        return (taps, *self.encoder.skips)
+
+    def decode(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        taps, skips = features[0], list(features[1:])
         b, t, n, d = taps.shape
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         maps = taps.permute(1, 0, 3, 2).reshape(t, b, d, h, w)
-        return self.head(images, list(maps.unbind(0)), self.encoder.skips or None)
+        return self.head(images, list(maps.unbind(0)), skips or None)
 
 
 def build_task_model(task: Task, encoder: Encoder, decoder_width: int = 16) -> TaskModel:

@@ -51,3 +51,25 @@ def lge_series(key: str, subject: str, scar: bool, size: int = 32, slices: int =
     return SeriesData(key=key, subject=subject, images=images, spacing_mm=1.5, sequence="lge",
                       view="sax", mask=mask, labeled_frames=[(s, 0) for s in range(slices)],
                       classes={"lge_pathology": "scar" if scar else "no_scar"})
+
+
+def run_killed_on_loss_call(monkeypatch, call: int, run) -> None:  # noqa: ANN001 - pytest's fixture, a callable
+    """``run()`` with fine-tuning's loss raising KeyboardInterrupt on its ``call``-th call (a node
+    stopped mid-session); the loss is restored afterwards."""
+    import pytest
+
+    import shared_model.finetune as finetune_module
+
+    real_loss = finetune_module.task_loss
+    calls = {"n": 0}
+
+    def dying_loss(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt("node stopped")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "task_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(finetune_module, "task_loss", real_loss)

@@ -15,7 +15,7 @@ from shared_model.tasks import get_task
 from shared_model.tasks.models import build_task_model
 from shared_model.train import CheckpointPolicy, make_generator
 from shared_model.weights import load_safetensors, save_safetensors
-from tests.shared_model.task_fixtures import sax_series
+from tests.shared_model.task_fixtures import run_killed_on_loss_call, sax_series
 
 CPU = torch.device("cpu")
 
@@ -165,27 +165,14 @@ def test_dp_refuses_unfreezing_mid_session(sax_data) -> None:
 
 
 def test_resume_mid_session_gives_identical_weights(tmp_path: Path, sax_data, monkeypatch) -> None:
-    import shared_model.finetune as finetune_module
-
     task, settings = get_task("sax_seg"), _settings(steps=4)
     # Uninterrupted run.
     straight = _model()
     finetune(straight, task, sax_data, settings, gen=make_generator(7), device=CPU)
     # A run killed during its third step (the checkpoint is written every 2 steps) ...
     policy = CheckpointPolicy(tmp_path / "loop.safetensors", every=2, fingerprint="sax/seed7")
-    calls = {"n": 0}
-    real_loss = finetune_module.task_loss
-
-    def dying_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("node stopped")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(finetune_module, "task_loss", dying_loss)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(_model(), task, sax_data, settings, gen=make_generator(7), device=CPU, checkpoint=policy)
-    monkeypatch.setattr(finetune_module, "task_loss", real_loss)
+    run_killed_on_loss_call(monkeypatch, 3, lambda: finetune(_model(), task, sax_data, settings, gen=make_generator(7),
+                                                             device=CPU, checkpoint=policy))
     # ... and resumed by a fresh process-like start from the same seed.
     resumed = _model()
     result = finetune(resumed, task, sax_data, settings, gen=make_generator(7), device=CPU,
