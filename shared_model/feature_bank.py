@@ -53,7 +53,7 @@ class FeatureBank:
         self.views = min(self.views, fit)
         if self.views < (1 if augment is None else MIN_VIEWS):
             self.views = 0
-        elif self.views:
+        else:
             self._store[0] = first
 
     @property

@@ -184,6 +184,22 @@ def foreground_groups(task: Task, data: TaskData) -> list[torch.Tensor]:
     return [torch.nonzero(present[:, c]).flatten() for c in range(present.shape[1])]
 
 
+def frozen_feature_bank(model: torch.nn.Module, task: Task, data: TaskData, settings: TasksConfig,
+                        mode: FinetuneMode, plain_sgd: bool, gen: torch.Generator,
+                        device: torch.device, layout: torch.memory_format) -> FeatureBank | None:
+    """The store of the encoder's features per augmented view, where a session can train on
+    them: the whole encoder frozen (``linear``), no DP-SGD (Opacus draws its own batches and
+    wraps the model), ``tasks.feature_views`` > 0 and room for enough views."""
+    if not (mode == FinetuneMode.linear and plain_sgd and has_encoder(model)
+            and settings.feature_views > 0):
+        return None
+    model.encoder.eval()  # a fixed function: frozen, no drop-path
+    bank = FeatureBank(model, task, data, settings.feature_views,
+                       int(torch.randint(2**62, (1,), generator=gen)),
+                       augment_batch if settings.augment else None, device, layout)
+    return bank if bank.active else None
+
+
 @dataclass
 class FinetuneResult:
     local: LocalResult
@@ -215,6 +231,7 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
         stem.detach_tokens = True
     data = absent_where_never_drawn(task, data)
     tensors = [data.inputs, data.targets] + ([data.valid] if data.valid is not None else [])
+    bank = frozen_feature_bank(model, task, data, settings, mode, dp is None, gen, device, layout)
     adamw = torch.optim.AdamW(mode_param_groups(model, settings, mode), lr=settings.lr)
     private = None
     optimizer: torch.optim.Optimizer = adamw
@@ -225,7 +242,8 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
         private = make_private(model, optimizer, dataset, settings.batch_size, dp, gen, dp_history)
         train_model, optimizer, batches = private.model, private.optimizer, LoaderBatches(private.loader)
     else:
-        train_model, batches = model, TensorBatches(tensors, settings.batch_size, gen,
+        index = [torch.arange(len(data))] if bank is not None else []  # what the bank looks up
+        train_model, batches = model, TensorBatches(tensors + index, settings.batch_size, gen,
                                                     foreground_groups(task, data),
                                                     settings.foreground_fraction)
     if mode == FinetuneMode.frozen_then_unfrozen:
@@ -235,26 +253,12 @@ def finetune(model: torch.nn.Module, task: Task, data: TaskData, settings: Tasks
         set_encoder_trainable(model, False)
 
     prox = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
-    bank = None
-    if mode == FinetuneMode.linear and private is None and has_encoder(model) and settings.feature_views > 0:
-        # the encoder is a fixed function here: its features of each augmented view are kept
-        model.encoder.eval()
-        bank = FeatureBank(model, task, data, settings.feature_views,
-                           int(torch.randint(2**62, (1,), generator=gen)),
-                           augment_batch if settings.augment else None, device, layout)
-        if bank.active:  # the batches carry each sample's index
-            batches = TensorBatches(tensors + [torch.arange(len(data))], settings.batch_size, gen,
-                                    foreground_groups(task, data), settings.foreground_fraction)
-        else:
-            bank = None
-
     def step_fn(batch: tuple[torch.Tensor, ...], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         inputs, targets = batch[0], batch[1]
         valid = batch[2] if data.valid is not None else None
         if bank is not None:
             inputs, targets, features = bank.draw(batch[-1], bank.slots(len(inputs), gen))
-            assert has_encoder(model)
-            loss = task_loss(task, model.decode(inputs, features), targets, valid)
+            loss = task_loss(task, bank.model.decode(inputs, features), targets, valid)
             return (loss + prox() if prox else loss), {}
         if settings.augment:
             inputs, targets = augment_batch(task, inputs, targets, gen)

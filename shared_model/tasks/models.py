@@ -54,7 +54,17 @@ class TaskModel(nn.Module):
         return self.decode(images, self.encode(images))
 
 
-class FrameClassifier(TaskModel):
+class PooledClassifier(TaskModel):
+    """Class logits from the pooled encoder features (the head is the subclass's)."""
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (pooled_features(self.encoder, images),)
+
+    def decode(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.head(features[0])
+
+
+class FrameClassifier(PooledClassifier):
     """Frame -> class logits, from the pooled encoder features."""
 
     def __init__(self, encoder: Encoder, num_classes: int) -> None:
@@ -62,12 +72,6 @@ class FrameClassifier(TaskModel):
         self.encoder = encoder
         width = 2 * encoder.embed_dim
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
-
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (pooled_features(self.encoder, images),)
-
-    def decode(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.head(features[0])
 
 
 class AttentionPool(nn.Module):
@@ -96,19 +100,13 @@ class BagHead(nn.Module):
         return self.classify(self.pool(self.norm(bag)))
 
 
-class BagClassifier(TaskModel):
+class BagClassifier(PooledClassifier):
     """(B, K, 1, H, W) frames of a series or study -> class logits."""
 
     def __init__(self, encoder: Encoder, num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = BagHead(2 * encoder.embed_dim, num_classes)
-
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (pooled_features(self.encoder, images),)
-
-    def decode(self, images: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.head(features[0])
 
 
 def conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
